@@ -1,0 +1,1 @@
+"""Command-line front end (installed as the ``stunturn_cli`` package): parse, call, print."""

@@ -1,0 +1,317 @@
+"""The asyncio layer of the server: sockets in, :class:`ServerCore` in the middle, sockets out.
+
+One :class:`Worker` runs per process. It binds every listener itself (with SO_REUSEPORT when
+several workers share the addresses), feeds what arrives to its core and carries out the
+actions. The UDP path reads with non-blocking ``recvfrom`` in a drain loop from one reader
+callback per socket, which costs far less per datagram than a transport and protocol object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Endpoint, ServerConfig
+from ..server.actions import SendTo, Transport
+from ..server.binding import AlternateAddresses
+from ..server.core import CoreConfig, ServerCore
+from ..stun import Address, FramingError, StreamFramer
+from .tls import server_context
+
+log = logging.getLogger("stunturn.server")
+
+UDP_BATCH = 256
+"""Most datagrams read per readiness callback before yielding to other sockets."""
+UDP_RECV_SIZE = 65536
+STREAM_IDLE_TIMEOUT = 300.0
+"""Seconds a TCP/TLS connection may stay silent before it is closed."""
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A bound listener, for reporting where the server listens."""
+
+    transport: Transport
+    local: Address
+
+    def __str__(self) -> str:
+        host, port = self.local
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{self.transport.value} {shown}"
+
+
+def core_config(config: ServerConfig) -> CoreConfig:
+    """Derive the core's settings from the user-facing configuration."""
+    rfc5780 = None
+    if config.alt_address is not None:
+        primary = config.primary_for(Endpoint(config.alt_address, 0))
+        assert primary is not None  # ServerConfig.validate guarantees it
+        rfc5780 = AlternateAddresses(
+            primary.host, config.alt_address, primary.port, primary.port + 1
+        )
+    return CoreConfig(
+        rfc5780=rfc5780,
+        software=config.software,
+        response_rate=config.response_rate,
+        response_burst=float(config.response_burst),
+    )
+
+
+def udp_endpoints(config: ServerConfig, core: CoreConfig) -> list[Endpoint]:
+    """Every UDP address to bind: the listen addresses plus the RFC 5780 grid."""
+    endpoints = list(config.listen) if config.udp else []
+    if core.rfc5780 is not None:
+        endpoints += [Endpoint(h, p) for h, p in core.rfc5780.listeners()]
+    return list(dict.fromkeys(endpoints))
+
+
+def tcp_endpoints(config: ServerConfig, core: CoreConfig) -> list[Endpoint]:
+    """Every plain TCP address to bind (RFC 5780 grid included so OTHER-ADDRESS works)."""
+    if not config.tcp:
+        return []
+    endpoints = list(config.listen)
+    if core.rfc5780 is not None:
+        endpoints += [Endpoint(h, p) for h, p in core.rfc5780.listeners()]
+    return list(dict.fromkeys(endpoints))
+
+
+def bind_socket(ep: Endpoint, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
+    """Create, configure and bind a non-blocking socket for ``ep``."""
+    family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            # The IPv4 and IPv6 wildcards are separate listeners.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_DGRAM:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        sock.bind((ep.host, ep.port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpListener:
+    """One bound UDP socket, read in a drain loop from a reader callback."""
+
+    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+        self.worker = worker
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        self.local: Address = (host, port)
+        self.v6 = sock.family == socket.AF_INET6
+
+    def on_readable(self) -> None:
+        recv = self.sock.recvfrom
+        handle = self.worker.core.handle_udp
+        send = self.worker.send
+        local = self.local
+        v6 = self.v6
+        now = self.worker.loop.time()
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recv(UDP_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # e.g. a queued ICMP error on Linux; nothing to do for this datagram.
+                continue
+            for action in handle(data, local, addr[:2] if v6 else addr, now):
+                send(action)
+
+
+class StreamConnection(asyncio.Protocol):
+    """A TCP or TLS client connection: framing in, core, writes out."""
+
+    def __init__(self, worker: Worker, transport_kind: Transport) -> None:
+        self.worker = worker
+        self.kind = transport_kind
+        self.framer = StreamFramer()
+        self.transport: asyncio.Transport | None = None
+        self.local: Address = ("", 0)
+        self.remote: Address = ("", 0)
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sockname, peername = (transport.get_extra_info(k) for k in ("sockname", "peername"))
+        self.local = (sockname[0], sockname[1])
+        self.remote = (peername[0], peername[1])
+        self.worker.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._arm_idle()
+        try:
+            frames = self.framer.feed(data)
+        except FramingError:
+            self.worker.core.count_malformed()
+            self.transport.abort()
+            return
+        now = self.worker.loop.time()
+        for frame in frames:
+            for action in self.worker.core.handle_stream_frame(
+                frame, self.local, self.remote, self.kind, now
+            ):
+                if action.remote == self.remote:
+                    self.transport.write(action.data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self.worker.loop.call_later(STREAM_IDLE_TIMEOUT, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Worker:
+    """Binds the listeners of one process and serves them until :meth:`stop`."""
+
+    def __init__(self, config: ServerConfig, reuse_port: bool = False) -> None:
+        self.config = config
+        self.core_config = core_config(config)
+        self.core = ServerCore(self.core_config)
+        self.reuse_port = reuse_port
+        self.loop = asyncio.get_running_loop()
+        self.udp: dict[Address, UdpListener] = {}
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[StreamConnection] = set()
+        self.listeners: list[Listener] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> list[Listener]:
+        """Bind everything; raises OSError (e.g. address in use) with nothing left bound."""
+        try:
+            for ep in udp_endpoints(self.config, self.core_config):
+                sock = bind_socket(ep, socket.SOCK_DGRAM, self.reuse_port)
+                listener = UdpListener(self, sock)
+                self.udp[listener.local] = listener
+                self.loop.add_reader(sock.fileno(), listener.on_readable)
+                self.listeners.append(Listener(Transport.UDP, listener.local))
+            for ep in tcp_endpoints(self.config, self.core_config):
+                await self._start_stream(ep, Transport.TCP, None)
+            if self.config.tls_listen:
+                assert self.config.cert is not None and self.config.key is not None
+                ctx = server_context(self.config.cert, self.config.key)
+                for ep in self.config.tls_listen:
+                    await self._start_stream(ep, Transport.TLS, ctx)
+        except BaseException:
+            await self.close()
+            raise
+        return self.listeners
+
+    async def _start_stream(
+        self, ep: Endpoint, kind: Transport, ctx: ssl.SSLContext | None
+    ) -> None:
+        sock = bind_socket(ep, socket.SOCK_STREAM, self.reuse_port)
+        try:
+            server = await self.loop.create_server(
+                lambda: StreamConnection(self, kind),
+                sock=sock,
+                ssl=ctx,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ctx else None,
+                backlog=1024,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self.servers.append(server)
+        host, port = sock.getsockname()[:2]
+        self.listeners.append(Listener(kind, (host, port)))
+
+    def send(self, action: SendTo) -> None:
+        """Carry out a UDP SendTo from the listener bound to ``action.local``."""
+        listener = self.udp.get(action.local)
+        if listener is None:
+            self.core.counters.send_failed += 1
+            return
+        try:
+            listener.sock.sendto(action.data, action.remote)
+        except OSError as exc:
+            # A full socket buffer or an unreachable destination loses one datagram, as UDP may.
+            self.core.counters.send_failed += 1
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
+                log.debug("sendto %s failed: %s", action.remote, exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        """Unbind everything and close open connections."""
+        for listener in self.udp.values():
+            self.loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+        self.udp.clear()
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self.servers.clear()
+
+
+async def serve_forever(
+    config: ServerConfig,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[Worker], None] | None = None,
+    install_signals: bool = True,
+) -> Worker:
+    """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed."""
+    worker = Worker(config, reuse_port)
+    await worker.start()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.stop)
+    try:
+        if on_ready is not None:
+            on_ready(worker)
+        await worker.wait_stopped()
+    finally:
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        await worker.close()
+    return worker
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (Linux), the standard loop otherwise."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

@@ -1,0 +1,274 @@
+"""Run the server in one process or as several worker processes sharing ports.
+
+With ``workers > 1`` each worker binds every listener with SO_REUSEPORT; the kernel hashes a
+datagram's 4-tuple to pick the socket, so one client's 5-tuple always reaches the same worker
+and per-client state needs no sharing. The parent only supervises: it checks the ports are free
+first (SO_REUSEPORT would otherwise let us silently join another program's socket group),
+starts the workers, restarts one that dies, and stops them all on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import ConfigError, Endpoint, ServerConfig
+from ..logsetup import configure_logging
+from ..server.actions import Transport
+from ..server.counters import Counters
+from .server import Listener, Worker, core_config, new_event_loop, serve_forever, tcp_endpoints
+from .server import udp_endpoints as udp_endpoints_of
+
+log = logging.getLogger("stunturn.workers")
+
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+MAX_RESTARTS = 5
+"""Worker restarts allowed within RESTART_WINDOW seconds before the server gives up."""
+RESTART_WINDOW = 60.0
+
+
+class StartupError(RuntimeError):
+    """The server could not start (address in use, bad certificate, ...)."""
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a finished run reports: summed counters of all workers."""
+
+    counters: Counters = field(default_factory=Counters)
+
+
+def _probe(ep: Endpoint, kind: socket.SocketKind) -> int:
+    """Bind ``ep`` without SO_REUSEPORT to prove it is free; returns the bound port."""
+    family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
+    with socket.socket(family, kind) as sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ep.host, ep.port))
+        return int(sock.getsockname()[1])
+
+
+def _check_free(config: ServerConfig) -> None:
+    core = core_config(config)
+    checks = [(ep, socket.SOCK_DGRAM) for ep in udp_endpoints_of(config, core)]
+    checks += [(ep, socket.SOCK_STREAM) for ep in tcp_endpoints(config, core)]
+    checks += [(ep, socket.SOCK_STREAM) for ep in config.tls_listen]
+    for ep, kind in checks:
+        proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+        try:
+            _probe(ep, kind)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {proto} {ep}: {exc.strerror}") from None
+
+
+def _free_port(hosts: list[str], pair: bool) -> int:
+    """A port (and port+1 when ``pair``) free for UDP and TCP on every host."""
+    for _ in range(200):
+        port = _probe(Endpoint(hosts[0], 0), socket.SOCK_DGRAM)
+        if pair and port >= 65535:
+            continue
+        try:
+            for host in hosts:
+                for p in (port, port + 1) if pair else (port,):
+                    _probe(Endpoint(host, p), socket.SOCK_DGRAM)
+                    _probe(Endpoint(host, p), socket.SOCK_STREAM)
+        except OSError:
+            continue
+        return port
+    raise StartupError("could not find a free port")
+
+
+def resolve_ports(config: ServerConfig) -> ServerConfig:
+    """Replace port 0 by concrete free ports so every worker binds the same ones."""
+    listen = list(config.listen)
+    for i, ep in enumerate(listen):
+        if ep.port == 0:
+            hosts = [ep.host]
+            pair = False
+            if config.alt_address is not None and ep == config.primary_for(
+                Endpoint(config.alt_address, 0)
+            ):
+                hosts.append(config.alt_address)
+                pair = True
+            listen[i] = Endpoint(ep.host, _free_port(hosts, pair))
+    tls = [
+        Endpoint(ep.host, _probe(ep, socket.SOCK_STREAM)) if ep.port == 0 else ep
+        for ep in config.tls_listen
+    ]
+    return replace(config, listen=tuple(listen), tls_listen=tuple(tls))
+
+
+# --- worker process --------------------------------------------------------------------------
+
+
+def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connection) -> None:
+    """Entry point of a worker process (spawned)."""
+    configure_logging(config.log_level, config.log_format)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    def ready(worker: Worker) -> None:
+        conn.send(("ready", [(lst.transport.value, lst.local) for lst in worker.listeners]))
+
+    try:
+        worker = loop.run_until_complete(
+            serve_forever(config, reuse_port=True, on_ready=ready, install_signals=True)
+        )
+    except OSError as exc:
+        conn.send(("error", f"cannot bind: {exc.strerror or exc}"))
+        return
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        loop.close()
+    conn.send(("counters", worker.core.counters.as_dict()))
+
+
+class Supervisor:
+    """Starts, watches and stops worker processes."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: list[tuple[Any, multiprocessing.connection.Connection]] = []
+        self.listeners: list[Listener] = []
+        self.result = RunResult()
+        self._restarts: list[float] = []
+
+    def _spawn(self) -> tuple[Any, multiprocessing.connection.Connection]:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(self.config, child), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def _await_ready(self, proc: Any, conn: multiprocessing.connection.Connection) -> list[Any]:
+        if not conn.poll(READY_TIMEOUT):
+            proc.kill()
+            raise StartupError("a worker did not start in time")
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            raise StartupError(f"a worker exited during start (code {proc.exitcode})") from None
+        if kind != "ready":
+            raise StartupError(str(payload))
+        return list(payload)
+
+    def start(self) -> list[Listener]:
+        _check_free(self.config)
+        try:
+            for _ in range(self.config.workers):
+                proc, conn = self._spawn()
+                self.procs.append((proc, conn))
+                bound = self._await_ready(proc, conn)
+            self.listeners = [Listener(_transport(t), tuple(a)) for t, a in bound]
+        except BaseException:
+            self.stop()
+            raise
+        return self.listeners
+
+    def run(self) -> RunResult:
+        """Block until SIGINT/SIGTERM, restarting workers that die; then stop them."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        old = {s: signal.signal(s, lambda *_: os.write(wfd, b"x")) for s in _STOP_SIGNALS}
+        try:
+            while True:
+                sentinels = {proc.sentinel: i for i, (proc, _) in enumerate(self.procs)}
+                ready = multiprocessing.connection.wait([rfd, *sentinels])
+                if rfd in ready:
+                    break
+                for fd in ready:
+                    self._replace(sentinels[fd])
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            os.close(rfd)
+            os.close(wfd)
+            self.stop()
+        return self.result
+
+    def _replace(self, index: int) -> None:
+        proc, conn = self.procs[index]
+        log.error("worker %d (pid %d) exited with code %s", index, proc.pid, proc.exitcode)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self._restarts) > MAX_RESTARTS:
+            raise StartupError("workers keep dying; giving up")
+        conn.close()
+        new_proc, new_conn = self._spawn()
+        self.procs[index] = (new_proc, new_conn)
+        self._await_ready(new_proc, new_conn)
+        log.info("worker %d restarted (pid %d)", index, new_proc.pid)
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc, conn in self.procs:
+            while conn.poll(max(0.0, deadline - time.monotonic())):
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    break
+                if kind == "counters":
+                    self.result.counters.add(Counters(**payload))
+                    break
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
+        self.procs.clear()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _transport(name: str) -> Transport:
+    return Transport(name)
+
+
+def run_server(config: ServerConfig, on_ready: Callable[[list[Listener]], None]) -> RunResult:
+    """Run until SIGINT/SIGTERM. Raises :class:`StartupError` when it cannot start."""
+    try:
+        config = resolve_ports(config)
+    except OSError as exc:
+        raise StartupError(f"cannot pick a port: {exc.strerror}") from None
+    if config.workers == 1:
+        return _run_inline(config, on_ready)
+    supervisor = Supervisor(config)
+    on_ready(supervisor.start())
+    return supervisor.run()
+
+
+def _run_inline(config: ServerConfig, on_ready: Callable[[list[Listener]], None]) -> RunResult:
+    loop = new_event_loop()
+    try:
+        worker = loop.run_until_complete(
+            serve_forever(config, on_ready=lambda w: on_ready(w.listeners))
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot bind: {exc.strerror or exc}") from None
+    finally:
+        loop.close()
+    return RunResult(worker.core.counters)
+
+
+__all__ = ["ConfigError", "RunResult", "StartupError", "Supervisor", "resolve_ports", "run_server"]

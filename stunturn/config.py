@@ -1,0 +1,238 @@
+"""Typed server configuration: defaults, TOML loading and validation that names the field.
+
+Every command-line option of ``stunturn serve`` is also a key of the TOML file, spelled like the
+long option without the dashes in front (``alt-address``); ``alt_address`` is accepted too. Values
+given on the command line win over the file. Anything unknown or invalid raises
+:class:`ConfigError` whose message starts with the field name, and the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 3478
+DEFAULT_TLS_PORT = 5349
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``field`` names the option or key at fault."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An IP literal and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def family_v6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family_v6 else f"{self.host}:{self.port}"
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+
+def parse_endpoint(text: str, default_port: int, field_name: str) -> Endpoint:
+    """Parse ``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``V6``; HOST must be an IP literal."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(field_name, f"missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(field_name, f"expected ':PORT' after ']' in {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(field_name, f"{host!r} is not an IP address (in {text!r})") from None
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(field_name, f"port must be 0-65535, got {port_text!r}")
+        port = int(port_text)
+    return Endpoint(ip.compressed, port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``stunturn serve`` can be told. Defaults need no configuration at all."""
+
+    listen: tuple[Endpoint, ...] = (
+        Endpoint("0.0.0.0", DEFAULT_PORT),
+        Endpoint("::", DEFAULT_PORT),
+    )
+    tls_listen: tuple[Endpoint, ...] = ()
+    cert: str | None = None
+    key: str | None = None
+    alt_address: str | None = None
+    udp: bool = True
+    tcp: bool = True
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    log_level: str = "info"
+    log_format: str = "text"
+    response_rate: float = 200.0
+    response_burst: int = 400
+    software: str | None = None
+
+    def validate(self) -> ServerConfig:
+        """Cross-field checks; returns self so calls can chain."""
+        if not self.listen and not self.tls_listen:
+            raise ConfigError("listen", "at least one listen or tls-listen address is needed")
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("cert" if self.cert is None else "key", "give both cert and key")
+        if self.cert is not None and not self.tls_listen:
+            raise ConfigError("tls-listen", "cert and key are given but no tls-listen address")
+        for name in ("cert", "key"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(name, f"no such file: {value}")
+        if not self.udp and not self.tcp and not self.tls_listen:
+            raise ConfigError("udp", "udp and tcp are both off and there is no tls-listen")
+        if self.alt_address is not None:
+            alt = Endpoint(self.alt_address, 0)
+            primary = self.primary_for(alt)
+            if primary is None:
+                raise ConfigError(
+                    "alt-address",
+                    f"needs a listen address of the same family that is a specific IP "
+                    f"(not a wildcard) to pair with {self.alt_address}",
+                )
+            if primary.host == alt.host:
+                raise ConfigError("alt-address", "must differ from the primary listen address")
+            if primary.port == 65535:
+                raise ConfigError("listen", "RFC 5780 needs port+1; the primary port is 65535")
+        return self
+
+    def primary_for(self, alt: Endpoint) -> Endpoint | None:
+        """The listen address RFC 5780 pairs with the alternate IP."""
+        for ep in self.listen:
+            if ep.family_v6 == alt.family_v6 and not ep.is_wildcard:
+                return ep
+        return None
+
+
+_LIST_FIELDS = {"listen", "tls_listen"}
+
+
+def _as_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {number}")
+    return number
+
+
+def _as_float(name: str, value: Any, low: float) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"must be a number, got {value!r}") from None
+    if not number >= low:  # also refuses NaN
+        raise ConfigError(name, f"must be >= {low}, got {value!r}")
+    return number
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(name, f"must be true or false, got {value!r}")
+
+
+def _as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Convert and check one raw value (from TOML or the CLI) for field ``name``."""
+    key = name.replace("_", "-")
+    if name in _LIST_FIELDS:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(key, f"must be a list of HOST:PORT strings, got {value!r}")
+        default_port = DEFAULT_TLS_PORT if name == "tls_listen" else DEFAULT_PORT
+        return tuple(parse_endpoint(_as_str(key, v), default_port, key) for v in items)
+    if name == "workers":
+        return _as_int(key, value, 1, 256)
+    if name == "response_burst":
+        return _as_int(key, value, 1, 1_000_000_000)
+    if name == "response_rate":
+        return _as_float(key, value, 0.0)
+    if name in ("udp", "tcp"):
+        return _as_bool(key, value)
+    if name == "log_level":
+        level = _as_str(key, value).lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
+    if name == "log_format":
+        fmt = _as_str(key, value).lower()
+        if fmt not in LOG_FORMATS:
+            raise ConfigError(key, f"must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+        return fmt
+    if name == "alt_address":
+        text = _as_str(key, value)
+        try:
+            return ipaddress.ip_address(text).compressed
+        except ValueError:
+            raise ConfigError(key, f"{text!r} is not an IP address") from None
+    return _as_str(key, value)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ServerConfig))
+
+
+def build_config(*layers: Mapping[str, Any]) -> ServerConfig:
+    """Merge layers of raw settings (later wins) onto the defaults and validate.
+
+    Keys may use dashes or underscores. Unknown keys and bad values raise :class:`ConfigError`.
+    """
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for raw_key, raw_value in layer.items():
+            name = raw_key.replace("-", "_")
+            if name not in FIELD_NAMES:
+                raise ConfigError(raw_key, "unknown setting")
+            values[name] = _convert(name, raw_value)
+    return replace(ServerConfig(), **values).validate()
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file; errors name the file and, for syntax errors, the position."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None

@@ -1,0 +1,18 @@
+"""Protocol errors raised by request handlers and turned into error responses in one place."""
+
+from __future__ import annotations
+
+from ..stun import Attribute
+
+
+class StunError(Exception):
+    """The peer's request cannot be served; answer with ERROR-CODE ``code``.
+
+    Raised inside handlers, converted to an error response by the core's single boundary.
+    ``attributes`` are added to the error response (e.g. UNKNOWN-ATTRIBUTES for 420).
+    """
+
+    def __init__(self, code: int, attributes: tuple[Attribute, ...] = ()) -> None:
+        super().__init__(code)
+        self.code = code
+        self.attributes = attributes
