@@ -40,6 +40,9 @@ _FAST_HEAD = struct.Struct("!HHI12s")
 _XOR_V4 = struct.Struct("!HHBBH4s")
 _FP_ATTR = struct.Struct("!HHI")
 _FP_REQUEST_TAIL = b"\x80\x28\x00\x04"
+# Binding request header up to the cookie: type 0x0001, length 0 (or 8 with FINGERPRINT).
+_BARE_REQUEST = b"\x00\x01\x00\x00\x21\x12\xa4\x42"
+_FP_REQUEST = b"\x00\x01\x00\x08\x21\x12\xa4\x42"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +123,12 @@ class BindingService:
         """
         n = len(data)
         if n == 20:
+            if data[:8] != _BARE_REQUEST:
+                return None
             fingerprint = False
-        elif n == 28 and data[20:24] == _FP_REQUEST_TAIL:
+        elif n == 28:
+            if data[:8] != _FP_REQUEST or data[20:24] != _FP_REQUEST_TAIL:
+                return None
             fingerprint = True
         else:
             return None
@@ -158,7 +165,12 @@ class BindingService:
     # --- everything else -------------------------------------------------------------------
 
     def respond(
-        self, request: Message, local: Address, remote: Address, transport: Transport
+        self,
+        request: Message,
+        local: Address,
+        remote: Address,
+        transport: Transport,
+        fingerprint: bool = False,
     ) -> tuple[Message, Address, Address]:
         """Build the success response, the listener to send it from and its destination.
 
@@ -199,10 +211,12 @@ class BindingService:
             response.attributes.append(Software(self.software))
         if padding is not None and udp:
             # Section 6.1: the response must carry PADDING. The RFC suggests the outgoing MTU;
-            # we use the request's padding length instead, so a small request can never draw a
-            # large response (no amplification), while a client testing fragmentation still
-            # gets a response as large as the request it sent.
-            response.attributes.append(Padding(b"\x00" * ((len(padding.value) + 3) & ~3)))
+            # we size it so the whole response is no larger than the request, so a small
+            # request can never draw a large response (no amplification), while a client
+            # testing fragmentation still gets a response about as large as what it sent.
+            unpadded = len(response.encode(fingerprint=fingerprint))
+            size = max(0, (len(request.raw) - unpadded - 4) & ~3)
+            response.attributes.append(Padding(bytes(size)))
         return response, source, dest
 
 

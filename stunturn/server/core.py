@@ -108,7 +108,9 @@ class ServerCore:
                 raise StunError(420, (UnknownAttributes(tuple(unknown)),))
             if msg.method != Method.BINDING:
                 raise StunError(400)
-            response, source, dest = self.binding.respond(msg, local, remote, transport)
+            response, source, dest = self.binding.respond(
+                msg, local, remote, transport, fingerprint
+            )
         except StunError as exc:
             counters.error_responses += 1
             return [SendTo(self._error(msg, exc, fingerprint), local, remote, transport)]

@@ -48,6 +48,9 @@ class ResponseBudget:
         return True
 
     def _prune(self, now: float) -> None:
+        if not self.rate:
+            self._buckets.clear()
+            return
         refill = self.burst / self.rate
         stale = [ip for ip, (_, last) in self._buckets.items() if now - last >= refill]
         for ip in stale:

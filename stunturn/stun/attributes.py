@@ -66,6 +66,7 @@ class UnknownAttribute(Attribute):
 
 
 def _pack_ip(host: str) -> tuple[int, bytes]:
+    host = host.partition("%")[0]  # an IPv6 zone index is local; it is not sent
     try:
         return FAMILY_IPV4, socket.inet_pton(socket.AF_INET, host)
     except OSError:
@@ -227,11 +228,14 @@ class _Text(Attribute):
 
     value: str
     MAX_BYTES: ClassVar[int] = 763
+    """Longest value accepted when decoding (RFC 8489: 763 bytes for 128 characters)."""
+    ENCODE_MAX_BYTES: ClassVar[int] = 763
+    """Longest value written; stricter where the RFC says so (USERNAME < 509 bytes)."""
 
     def encode_value(self, transaction_id: bytes) -> bytes:
         raw = self.value.encode("utf-8")
-        if len(raw) > self.MAX_BYTES:
-            raise ValueError(f"{type(self).__name__} longer than {self.MAX_BYTES} bytes")
+        if len(raw) > self.ENCODE_MAX_BYTES:
+            raise ValueError(f"{type(self).__name__} longer than {self.ENCODE_MAX_BYTES} bytes")
         return raw
 
     @classmethod
@@ -246,8 +250,10 @@ class _Text(Attribute):
 
 @dataclass(frozen=True, slots=True)
 class Username(_Text):
+    """RFC 8489 section 14.3: fewer than 509 bytes (we still read up to 763)."""
+
     TYPE: ClassVar[int] = AttrType.USERNAME
-    MAX_BYTES: ClassVar[int] = 513
+    ENCODE_MAX_BYTES: ClassVar[int] = 508
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +277,7 @@ class AlternateDomain(_Text):
 
     TYPE: ClassVar[int] = AttrType.ALTERNATE_DOMAIN
     MAX_BYTES: ClassVar[int] = 255
+    ENCODE_MAX_BYTES: ClassVar[int] = 255
 
 
 # --- opaque bytes -------------------------------------------------------------------------

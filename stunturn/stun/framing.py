@@ -36,7 +36,8 @@ class StreamFramer:
     def __init__(self, max_frame: int = MAX_FRAME, max_buffer: int = 2 * MAX_FRAME) -> None:
         self._buf = bytearray()
         self.max_frame = min(max_frame, MAX_FRAME)
-        self.max_buffer = max(max_buffer, self.max_frame)
+        # A frame of max_frame bytes may still have 3 bytes of ChannelData padding to come.
+        self.max_buffer = max(max_buffer, self.max_frame + 3)
 
     @property
     def buffered(self) -> int:

@@ -21,17 +21,24 @@ def opaque_string(text: str) -> str:
     """Apply the PRECIS OpaqueString profile (RFC 8265 section 4.2) as far as STUN needs it.
 
     Non-ASCII spaces map to U+0020, then NFC normalisation. Strings that are empty after that,
-    or that contain control characters, surrogates or unassigned code points, are refused
-    (the FreeformClass disallows them). Width and case are left alone, as the profile says.
+    or that contain control characters, format characters other than the zero-width joiners
+    (e.g. U+00AD), surrogates or unassigned code points, are refused (the FreeformClass
+    disallows them). Width and case are left alone, as the profile says.
     """
     mapped = "".join(" " if ch != " " and unicodedata.category(ch) == "Zs" else ch for ch in text)
     result = unicodedata.normalize("NFC", mapped)
     if not result:
         raise CredentialError("empty string")
     for ch in result:
-        if unicodedata.category(ch) in ("Cc", "Cs", "Cn"):
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs", "Cn") or (category == "Cf" and ch not in _JOINERS):
             raise CredentialError(f"character U+{ord(ch):04X} is not allowed")
     return result
+
+
+# Zero-width (non-)joiners are allowed in context by PRECIS; other format characters
+# (default-ignorable, e.g. U+00AD SOFT HYPHEN) are not.
+_JOINERS = frozenset("\u200c\u200d")
 
 
 def short_term_key(password: str) -> bytes:

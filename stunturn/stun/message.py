@@ -141,8 +141,11 @@ class Message:
         if len(tid) != 12:
             raise ValueError("transaction ID must be 12 bytes")
         body = bytearray()
-        for attr in self.attributes:
-            _append_attribute(body, attribute_type(attr), attr.encode_value(tid))
+        try:
+            for attr in self.attributes:
+                _append_attribute(body, attribute_type(attr), attr.encode_value(tid))
+        except struct.error as exc:
+            raise ValueError(f"cannot encode {attr!r}: {exc}") from None
         head = message_type(self.method, self.cls)
         if key is not None:
             if sha1:
@@ -154,6 +157,8 @@ class Message:
         if fingerprint:
             crc = zlib.crc32(_header(head, len(body) + 8, tid) + body) ^ FINGERPRINT_XOR
             _append_attribute(body, _FP, _U32.pack(crc))
+        if len(body) > 0xFFFF:
+            raise ValueError(f"message body of {len(body)} bytes exceeds 65535")
         return _header(head, len(body), tid) + body
 
 
