@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -69,11 +70,14 @@ def parse_endpoint(text: str, default_port: int, field_name: str) -> Endpoint:
     except ValueError:
         raise ConfigError(field_name, f"{host!r} is not an IP address (in {text!r})") from None
     port = default_port
-    if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ConfigError(field_name, f"port must be 0-65535, got {port_text!r}")
+    if port_text or (text.endswith(":") and text.count(":") == 1) or text.endswith("]:"):
+        if not _PORT.fullmatch(port_text) or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(field_name, f"port must be 0-65535, got {port_text!r} in {text!r}")
         port = int(port_text)
     return Endpoint(ip.compressed, port)
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,11 @@ def _convert(name: str, value: Any) -> Any:
         if fmt not in LOG_FORMATS:
             raise ConfigError(key, f"must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
         return fmt
+    if name == "software":
+        text = _as_str(key, value)
+        if len(text) >= 128 or len(text.encode()) > 763:
+            raise ConfigError(key, "must be fewer than 128 characters (RFC 8489 section 14.14)")
+        return text
     if name == "alt_address":
         text = _as_str(key, value)
         try:

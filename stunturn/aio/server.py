@@ -17,6 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from ..config import Endpoint, ServerConfig
 from ..server.actions import SendTo, Transport
@@ -149,8 +150,8 @@ class StreamConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP and SSL transports are not asyncio.Transport subclasses: no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
         sockname, peername = (transport.get_extra_info(k) for k in ("sockname", "peername"))
         self.local = (sockname[0], sockname[1])
         self.remote = (peername[0], peername[1])

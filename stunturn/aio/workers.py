@@ -115,17 +115,35 @@ def resolve_ports(config: ServerConfig) -> ServerConfig:
 
 
 def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connection) -> None:
-    """Entry point of a worker process (spawned)."""
+    """Entry point of a worker process (spawned).
+
+    SIGINT/SIGTERM stop the worker; once stopping, further signals are ignored, so a stop
+    signal sent to the whole process group (Ctrl-C, systemd) followed by the supervisor's own
+    SIGTERM cannot kill the worker before it has reported its counters.
+    """
     configure_logging(config.log_level, config.log_format)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    running: list[Worker] = []
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.append(signum)
+        if running and not loop.is_closed():
+            loop.call_soon_threadsafe(running[0].stop)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
     def ready(worker: Worker) -> None:
+        running.append(worker)
         conn.send(("ready", [(lst.transport.value, lst.local) for lst in worker.listeners]))
+        if stop_requested:  # a stop signal came while the listeners were being bound
+            worker.stop()
 
     try:
         worker = loop.run_until_complete(
-            serve_forever(config, reuse_port=True, on_ready=ready, install_signals=True)
+            serve_forever(config, reuse_port=True, on_ready=ready, install_signals=False)
         )
     except OSError as exc:
         conn.send(("error", f"cannot bind: {exc.strerror or exc}"))
@@ -168,8 +186,10 @@ class Supervisor:
             raise StartupError(str(payload))
         return list(payload)
 
-    def start(self) -> list[Listener]:
-        _check_free(self.config)
+    def start(self, checked: bool = False) -> list[Listener]:
+        """Spawn the workers; ``checked`` says the ports were already proven free."""
+        if not checked:
+            _check_free(self.config)
         try:
             for _ in range(self.config.workers):
                 proc, conn = self._spawn()
@@ -204,6 +224,7 @@ class Supervisor:
 
     def _replace(self, index: int) -> None:
         proc, conn = self.procs[index]
+        proc.join(1.0)  # reap it, so exitcode is known
         log.error("worker %d (pid %d) exited with code %s", index, proc.pid, proc.exitcode)
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
@@ -251,10 +272,11 @@ def run_server(config: ServerConfig, on_ready: Callable[[list[Listener]], None])
         config = resolve_ports(config)
     except OSError as exc:
         raise StartupError(f"cannot pick a port: {exc.strerror}") from None
+    _check_free(config)
     if config.workers == 1:
         return _run_inline(config, on_ready)
     supervisor = Supervisor(config)
-    on_ready(supervisor.start())
+    on_ready(supervisor.start(checked=True))
     return supervisor.run()
 
 
