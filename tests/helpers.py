@@ -140,12 +140,18 @@ class ServerProcess:
     """
 
     def __init__(
-        self, args: Sequence[str], loop: str = "uvloop", new_session: bool = False
+        self,
+        args: Sequence[str],
+        loop: str = "uvloop",
+        new_session: bool = False,
+        batched_io: bool = True,
     ) -> None:
         self.args = ["serve", *args]
         self.new_session = new_session
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        if not batched_io:
+            env["STUNTURN_NO_MMSG"] = "1"  # the plain recvfrom/sendto UDP path
         if loop == "asyncio":
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (no_uvloop_dir(), env.get("PYTHONPATH", "")) if p

@@ -69,10 +69,12 @@ from stunturn.stun.attributes import (
 HOSTS = ["127.0.0.1", "::1"]
 
 
-@pytest.fixture(scope="module")
-def basic() -> Iterator[ServerProcess]:
-    """One worker on 127.0.0.1 and ::1 (UDP and TCP), with the event loop the CLI ships."""
-    with ServerProcess(["--listen", "127.0.0.1:0", "--listen", "[::1]:0", "--workers", "1"]) as s:
+@pytest.fixture(scope="module", params=["batched-io", "plain-io"])
+def basic(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """One worker on 127.0.0.1 and ::1 (UDP and TCP), with the event loop the CLI ships, over
+    both UDP paths: batched recvmmsg/sendmmsg and plain recvfrom/sendto."""
+    args = ["--listen", "127.0.0.1:0", "--listen", "[::1]:0", "--workers", "1"]
+    with ServerProcess(args, batched_io=request.param == "batched-io") as s:
         s.wait_ready()
         yield s
 
@@ -96,11 +98,11 @@ def tls_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         yield s
 
 
-@pytest.fixture(scope="module")
-def grid() -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["batched-io", "plain-io"])
+def grid(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """RFC 5780 server: 127.0.0.1 primary, 127.0.0.2 alternate, ports P and P+1."""
     args = ["--listen", "127.0.0.1:0", "--alt-address", "127.0.0.2", "--workers", "1"]
-    with ServerProcess(args) as s:
+    with ServerProcess(args, batched_io=request.param == "batched-io") as s:
         s.wait_ready()
         yield s
 

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -22,11 +23,14 @@ from typing import cast
 from ..config import Endpoint, ServerConfig
 from ..server.actions import SendTo, Transport
 from ..server.binding import AlternateAddresses
-from ..server.core import CoreConfig, ServerCore
+from ..server.core import CoreConfig, ServerCore, source_key
 from ..stun import Address, FramingError, StreamFramer
+from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO
+from .mmsg import available as mmsg_available
 from .tls import server_context
 
 log = logging.getLogger("stunturn.server")
+_U32 = struct.Struct("I")
 
 UDP_BATCH = 256
 """Most datagrams read per readiness callback before yielding to other sockets."""
@@ -84,6 +88,21 @@ def tcp_endpoints(config: ServerConfig, core: CoreConfig) -> list[Endpoint]:
     return list(dict.fromkeys(endpoints))
 
 
+UDP_LISTENER_BUFFER = 8 * 1024 * 1024
+"""Receive/send buffer of each UDP listener: absorbs bursts while a worker is descheduled."""
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; not exported by the socket module
+
+
+def set_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for ``size``-byte socket buffers, beyond net.core.[rw]mem_max when privileged."""
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 def bind_socket(ep: Endpoint, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
     """Create, configure and bind a non-blocking socket for ``ep``."""
     family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
@@ -97,9 +116,7 @@ def bind_socket(ep: Endpoint, kind: socket.SocketKind, reuse_port: bool) -> sock
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if kind == socket.SOCK_DGRAM:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+            set_buffers(sock, UDP_LISTENER_BUFFER)
         sock.bind((ep.host, ep.port))
         sock.setblocking(False)
     except BaseException:
@@ -114,16 +131,23 @@ class UdpListener:
     def __init__(self, worker: Worker, sock: socket.socket) -> None:
         self.worker = worker
         self.sock = sock
+        self.fd = sock.fileno()
         host, port = sock.getsockname()[:2]
         self.local: Address = (host, port)
         self.v6 = sock.family == socket.AF_INET6
 
     def on_readable(self) -> None:
-        recv = self.sock.recvfrom
-        handle = self.worker.core.handle_udp
+        """Plain path: one ``recvfrom``/``sendto`` per datagram (no batched I/O here)."""
+        sock = self.sock
+        recv = sock.recvfrom
+        sendto = sock.sendto
+        core = self.worker.core
+        fast = core.fast_udp
+        handle = core.handle_udp
         send = self.worker.send
         local = self.local
         v6 = self.v6
+        key = source_key
         now = self.worker.loop.time()
         for _ in range(UDP_BATCH):
             try:
@@ -133,8 +157,63 @@ class UdpListener:
             except OSError:
                 # e.g. a queued ICMP error on Linux; nothing to do for this datagram.
                 continue
-            for action in handle(data, local, addr[:2] if v6 else addr, now):
+            if v6:
+                addr = addr[:2]
+            else:
+                response = fast(data, local, key(addr[0]), addr[1], now)
+                if response is not None:
+                    if response:
+                        try:
+                            sendto(response, addr)
+                        except OSError:
+                            core.counters.send_failed += 1
+                    continue
+            for action in handle(data, local, addr, now):
                 send(action)
+
+    def on_readable_batched(self) -> None:
+        """Batched path: ``recvmmsg`` up to 32 datagrams, answer the common Binding requests
+        straight into the transmit slots, ``sendmmsg`` them in one call."""
+        io = self.worker.batch_io
+        assert io is not None
+        fd = self.fd
+        core = self.worker.core
+        fast = core.fast_udp
+        handle = core.handle_udp
+        send = self.worker.send
+        local = self.local
+        rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
+        unpack_u32 = _U32.unpack_from
+        from_bytes = int.from_bytes
+        batch = io.batch
+        now = self.worker.loop.time()
+        for _ in range(UDP_BATCH // batch):
+            n = io.recv(fd)
+            for i in range(n):
+                off = i * SLOT
+                data = rx[off : off + unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]]
+                noff = i * NAME
+                if names[noff] == socket.AF_INET:
+                    response = fast(
+                        data,
+                        local,
+                        from_bytes(names[noff + 4 : noff + 8], "big"),
+                        (names[noff + 2] << 8) | names[noff + 3],
+                        now,
+                    )
+                    if response is not None:
+                        if response:
+                            size = len(response)
+                            tx[off : off + size] = response
+                            io.queue(i, size)
+                        continue
+                for action in handle(bytes(data), local, io.address(i), now):
+                    send(action)
+            failed = io.flush(fd)
+            if failed:
+                core.counters.send_failed += failed
+            if n < batch:
+                return
 
 
 class StreamConnection(asyncio.Protocol):
@@ -204,6 +283,7 @@ class Worker:
         self.connections: set[StreamConnection] = set()
         self.listeners: list[Listener] = []
         self._stopped = asyncio.Event()
+        self.batch_io = BatchIO() if mmsg_available() else None
 
     async def start(self) -> list[Listener]:
         """Bind everything; raises OSError (e.g. address in use) with nothing left bound."""
@@ -212,7 +292,8 @@ class Worker:
                 sock = bind_socket(ep, socket.SOCK_DGRAM, self.reuse_port)
                 listener = UdpListener(self, sock)
                 self.udp[listener.local] = listener
-                self.loop.add_reader(sock.fileno(), listener.on_readable)
+                reader = listener.on_readable_batched if self.batch_io else listener.on_readable
+                self.loop.add_reader(sock.fileno(), reader)
                 self.listeners.append(Listener(Transport.UDP, listener.local))
             for ep in tcp_endpoints(self.config, self.core_config):
                 await self._start_stream(ep, Transport.TCP, None)

@@ -7,7 +7,6 @@ attribute-less request without decoding it at all.
 
 from __future__ import annotations
 
-import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from ..stun.attributes import (
 from .actions import Transport
 from .errors import StunError
 
-_FAST_HEAD = struct.Struct("!HHI12s")
-_XOR_V4 = struct.Struct("!HHBBH4s")
+# Header followed by XOR-MAPPED-ADDRESS (IPv4), or by MAPPED-ADDRESS and XOR-MAPPED-ADDRESS.
+_RESP_XOR = struct.Struct("!HHI12sHHBBH4s")
+_RESP_MAPPED_XOR = struct.Struct("!HHI12sHHBBH4sHHBBH4s")
 _FP_ATTR = struct.Struct("!HHI")
 _FP_REQUEST_TAIL = b"\x80\x28\x00\x04"
 # Binding request header up to the cookie: type 0x0001, length 0 (or 8 with FINGERPRINT).
@@ -79,24 +79,6 @@ class AlternateAddresses:
         return self.source(local, True, True)
 
 
-def _xor_mapped_v4(remote: Address) -> bytes:
-    ip = int.from_bytes(socket.inet_aton(remote[0]), "big") ^ MAGIC_COOKIE
-    return _XOR_V4.pack(
-        AttrType.XOR_MAPPED_ADDRESS,
-        8,
-        0,
-        FAMILY_IPV4,
-        remote[1] ^ 0x2112,
-        ip.to_bytes(4, "big"),
-    )
-
-
-def _mapped_v4(remote: Address) -> bytes:
-    return _XOR_V4.pack(
-        AttrType.MAPPED_ADDRESS, 8, 0, FAMILY_IPV4, remote[1], socket.inet_aton(remote[0])
-    )
-
-
 class BindingService:
     """Answers Binding requests.
 
@@ -115,11 +97,16 @@ class BindingService:
 
     # --- the common case --------------------------------------------------------------------
 
-    def fast_response(self, data: bytes, local: Address, remote: Address) -> bytes | None:
+    def fast_response(
+        self, data: bytes | memoryview, local: Address, ip: int, port: int
+    ) -> bytes | None:
         """Answer an IPv4 Binding request carrying no attribute, or only FINGERPRINT.
 
-        Returns None when the request needs the general path (other attributes, IPv6,
-        a wrong FINGERPRINT is also left to the general path, which counts it).
+        ``ip`` is the requester's IPv4 address as an integer and ``port`` its port, so the
+        batched I/O path never has to make address strings. Returns None when the request
+        needs the general path (other attributes, a bad header; a wrong FINGERPRINT is also
+        left to the general path, which counts it). The response is one ``struct.pack`` plus
+        the attributes cached for the listener.
         """
         n = len(data)
         if n == 20:
@@ -129,27 +116,32 @@ class BindingService:
         elif n == 28:
             if data[:8] != _FP_REQUEST or data[20:24] != _FP_REQUEST_TAIL:
                 return None
+            if zlib.crc32(data[:20]) ^ 0x5354554E != int.from_bytes(data[24:28], "big"):
+                return None
             fingerprint = True
         else:
             return None
-        if ":" in remote[0]:
-            return None
-        if fingerprint:
-            crc = zlib.crc32(data[:20]) ^ 0x5354554E
-            if crc != int.from_bytes(data[24:28], "big"):
-                return None
         tail = self._tails.get(local)
         if tail is None:
-            tail = self._tail(local, local)
-            self._tails[local] = tail
-        body = _xor_mapped_v4(remote) + tail
-        if self.rfc5780 is not None:
-            body = _mapped_v4(remote) + body
+            tail = self._tails[local] = self._tail(local, local)
+        xor_ip = (ip ^ MAGIC_COOKIE).to_bytes(4, "big")
+        length = len(tail) + (8 if fingerprint else 0)
+        tid = bytes(data[8:20])
+        if self.rfc5780 is None:
+            out = _RESP_XOR.pack(
+                0x0101, 12 + length, MAGIC_COOKIE, tid,
+                AttrType.XOR_MAPPED_ADDRESS, 8, 0, FAMILY_IPV4, port ^ 0x2112, xor_ip,
+            )  # fmt: skip
+        else:
+            out = _RESP_MAPPED_XOR.pack(
+                0x0101, 24 + length, MAGIC_COOKIE, tid,
+                AttrType.MAPPED_ADDRESS, 8, 0, FAMILY_IPV4, port, ip.to_bytes(4, "big"),
+                AttrType.XOR_MAPPED_ADDRESS, 8, 0, FAMILY_IPV4, port ^ 0x2112, xor_ip,
+            )  # fmt: skip
+        out += tail
         if fingerprint:
-            head = _FAST_HEAD.pack(0x0101, len(body) + 8, MAGIC_COOKIE, data[8:20])
-            crc = zlib.crc32(head + body) ^ 0x5354554E
-            return head + body + _FP_ATTR.pack(AttrType.FINGERPRINT, 4, crc)
-        return _FAST_HEAD.pack(0x0101, len(body), MAGIC_COOKIE, data[8:20]) + body
+            out += _FP_ATTR.pack(AttrType.FINGERPRINT, 4, zlib.crc32(out) ^ 0x5354554E)
+        return out
 
     def _tail(self, received_on: Address, sent_from: Address) -> bytes:
         attrs: list[Attribute] = []

@@ -11,6 +11,7 @@ carries out what it returns. Errors are handled at exactly one boundary here:
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from ..stun import (
@@ -29,6 +30,16 @@ from .binding import AlternateAddresses, BindingService
 from .counters import Counters
 from .errors import StunError
 from .ratelimit import ResponseBudget
+
+
+def source_key(host: str) -> int:
+    """An IP address as an integer: the IPv4 value itself, IPv6 offset above 2**32.
+
+    The rate limiter's key, and the form the fast path takes its requester's address in.
+    """
+    if ":" in host:
+        return (1 << 128) | int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
+    return int.from_bytes(socket.inet_aton(host), "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +63,34 @@ class ServerCore:
 
     # --- input ------------------------------------------------------------------------------
 
-    def handle_udp(self, data: bytes, local: Address, remote: Address, now: float) -> list[SendTo]:
-        """A datagram arrived on the UDP listener bound to ``local`` from ``remote``."""
+    def fast_udp(
+        self, data: bytes | memoryview, local: Address, ip: int, port: int, now: float
+    ) -> bytes | None:
+        """The hot path for the common Binding request from IPv4 ``ip`` (an int) and ``port``.
+
+        Returns the response bytes to send back from ``local``, ``b""`` when the request was
+        recognised but its answer is withheld, or None when the datagram needs
+        :meth:`handle_udp` (which then counts it).
+        """
+        response = self.binding.fast_response(data, local, ip, port)
+        if response is None:
+            return None
         counters = self.counters
         counters.received += 1
-        fast = self.binding.fast_response(data, local, remote)
-        if fast is not None:
-            if self.budget.rate and not self.budget.allow(remote[0], now):
-                counters.rate_limited += 1
-                return []
-            counters.binding_ok += 1
-            return [SendTo(fast, local, remote)]
+        if self.budget.rate and not self.budget.allow(ip, now):
+            counters.rate_limited += 1
+            return b""
+        counters.binding_ok += 1
+        return response
+
+    def handle_udp(self, data: bytes, local: Address, remote: Address, now: float) -> list[SendTo]:
+        """A datagram arrived on the UDP listener bound to ``local`` from ``remote``."""
+        host, port = remote
+        if ":" not in host:
+            fast = self.fast_udp(data, local, source_key(host), port, now)
+            if fast is not None:
+                return [SendTo(fast, local, remote)] if fast else []
+        self.counters.received += 1
         return self._handle_stun(data, local, remote, Transport.UDP, now)
 
     def handle_stream_frame(
@@ -98,7 +126,7 @@ class ServerCore:
         if msg.cls is not MessageClass.REQUEST:
             counters.ignored += 1
             return []
-        if self.budget.rate and not self.budget.allow(remote[0], now):
+        if self.budget.rate and not self.budget.allow(source_key(remote[0]), now):
             counters.rate_limited += 1
             return []
         try:

@@ -9,9 +9,11 @@ are dropped; if that frees nothing, the table is cleared (fail open rather than 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 
 class ResponseBudget:
-    """Token buckets in one dict: ip -> [tokens, last_update]."""
+    """Token buckets in one dict: packed source IP -> [tokens, last_update]."""
 
     __slots__ = ("_buckets", "burst", "max_sources", "rate")
 
@@ -21,7 +23,7 @@ class ResponseBudget:
         self.rate = rate
         self.burst = float(burst)
         self.max_sources = max_sources
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets: dict[Hashable, list[float]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -30,7 +32,7 @@ class ResponseBudget:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, ip: str, now: float) -> bool:
+    def allow(self, ip: Hashable, now: float) -> bool:
         """Take one token for ``ip``; False when its budget is spent."""
         bucket = self._buckets.get(ip)
         if bucket is None:
