@@ -43,17 +43,17 @@ def _fail(message: str) -> None:
 )
 @click.option("--udp/--no-udp", default=None, help="Serve UDP on the listen addresses.")
 @click.option("--tcp/--no-tcp", default=None, help="Serve TCP on the listen addresses.")
-@click.option("--workers", type=str, help="Worker processes (default: number of CPUs).")
+@click.option("--workers", metavar="N", help="Worker processes (default: number of CPUs).")
 @click.option(
     "--response-rate",
-    type=str,
+    metavar="N",
     help="Responses per second allowed per source IP (0 = unlimited). Default 200.",
 )
-@click.option("--response-burst", type=str, help="Burst size of that budget. Default 400.")
-@click.option("--software", help="SOFTWARE attribute to send (default: none).")
+@click.option("--response-burst", metavar="N", help="Burst size of that budget. Default 400.")
+@click.option("--software", metavar="TEXT", help="SOFTWARE attribute to send (default: none).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
-@click.option("--log-level", help="debug, info, warning or error (default info).")
-@click.option("--log-format", help="text or json (default text).")
+@click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info).")
+@click.option("--log-format", metavar="FORMAT", help="text or json (default text).")
 def serve(config_file: str | None, **options: Any) -> None:
     """Run the STUN server. With no options it serves 0.0.0.0:3478 and [::]:3478."""
     given = {k: v for k, v in options.items() if v is not None and v != ()}
