@@ -1,16 +1,22 @@
-"""``stunturn``: the server command and its helpers."""
+"""``stunturn``: the server command and its helpers. Parses, calls the library, prints."""
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from stunturn import __version__
 from stunturn.aio.tls import make_self_signed
+from stunturn.aio.turnsetup import default_user_db, ensure_default_user, peer_policy, prepare
 from stunturn.aio.workers import RunResult, StartupError, run_server
+from stunturn.auth import SqliteUsers, random_password, rest_password, rest_username
 from stunturn.config import ConfigError, ServerConfig, build_config, load_toml
 from stunturn.logsetup import configure_logging
 
@@ -26,40 +32,85 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@cli.command()
-@click.option(
-    "--listen",
-    multiple=True,
-    metavar="HOST:PORT",
-    help="UDP and TCP address to serve (repeatable). Default 0.0.0.0:3478 and [::]:3478.",
-)
-@click.option("--tls-listen", multiple=True, metavar="HOST:PORT", help="TLS address (repeatable).")
-@click.option("--cert", type=click.Path(dir_okay=False), help="TLS certificate chain (PEM).")
-@click.option("--key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
-@click.option(
-    "--alt-address",
-    metavar="IP",
-    help="Second IP for RFC 5780 NAT behaviour discovery (listens on 2 IPs x 2 ports).",
-)
-@click.option("--udp/--no-udp", default=None, help="Serve UDP on the listen addresses.")
-@click.option("--tcp/--no-tcp", default=None, help="Serve TCP on the listen addresses.")
-@click.option("--workers", metavar="N", help="Worker processes (default: number of CPUs).")
-@click.option(
-    "--response-rate",
-    metavar="N",
-    help="Responses per second allowed per source IP (0 = unlimited). Default 200.",
-)
-@click.option("--response-burst", metavar="N", help="Burst size of that budget. Default 400.")
-@click.option("--software", metavar="TEXT", help="SOFTWARE attribute to send (default: none).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
-@click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info).")
-@click.option("--log-format", metavar="FORMAT", help="text or json (default text).")
-def serve(config_file: str | None, **options: Any) -> None:
-    """Run the STUN server. With no options it serves 0.0.0.0:3478 and [::]:3478."""
+def _options(*specs: tuple[str, dict[str, Any]]) -> Callable[[Callable[..., Any]], Any]:
+    def apply(func: Callable[..., Any]) -> Any:
+        for name, kwargs in reversed(specs):
+            func = click.option(name, **kwargs)(func)
+        return func
+
+    return apply
+
+
+SERVER_OPTIONS = (
+    ("--listen", {"multiple": True, "metavar": "HOST:PORT",
+                  "help": "UDP and TCP address (repeatable). Default 0.0.0.0:3478, [::]:3478."}),
+    ("--tls-listen", {"multiple": True, "metavar": "HOST:PORT",
+                      "help": "TLS address (repeatable), e.g. 0.0.0.0:5349 or :443."}),
+    ("--cert", {"type": click.Path(dir_okay=False), "help": "TLS certificate chain (PEM)."}),
+    ("--key", {"type": click.Path(dir_okay=False), "help": "TLS private key (PEM)."}),
+    ("--alt-address", {"metavar": "IP",
+                       "help": "Second IP for RFC 5780 (listens on 2 IPs x 2 ports)."}),
+    ("--udp/--no-udp", {"default": None, "help": "Serve UDP on the listen addresses."}),
+    ("--tcp/--no-tcp", {"default": None, "help": "Serve TCP on the listen addresses."}),
+    ("--workers", {"metavar": "N", "help": "Worker processes (default: number of CPUs)."}),
+    ("--response-rate", {"metavar": "N",
+                         "help": "Responses/s per source IP (0 = unlimited). Default 200."}),
+    ("--response-burst", {"metavar": "N", "help": "Burst of that budget. Default 400."}),
+    ("--software", {"metavar": "TEXT", "help": "SOFTWARE attribute to send (default none)."}),
+    ("--turn/--no-turn", {"default": None, "help": "Serve TURN (default on)."}),
+    ("--realm", {"metavar": "REALM", "help": "Long-term credential realm (default stunturn)."}),
+    ("--user", {"multiple": True, "metavar": "NAME:PASSWORD", "help": "A TURN user."}),
+    ("--user-db", {"metavar": "PATH", "help": "SQLite user store (see `stunturn users`)."}),
+    ("--auth-secret", {"multiple": True, "metavar": "SECRET",
+                       "help": "TURN REST shared secret (repeatable, for rotation)."}),
+    ("--auth-secret-algorithm", {"metavar": "ALG", "help": "sha1 (default) or sha256."}),
+    ("--relay-ip", {"multiple": True, "metavar": "IP",
+                    "help": "Relay address (one IPv4, one IPv6). Default: the listen IP or "
+                            "the address of the default route."}),
+    ("--relay-ports", {"metavar": "LOW-HIGH", "help": "Relay port range. Default 49152-65535."}),
+    ("--allow-peer", {"multiple": True, "metavar": "CIDR", "help": "Allow relaying to it."}),
+    ("--deny-peer", {"multiple": True, "metavar": "CIDR", "help": "Deny relaying to it."}),
+    ("--allow-loopback-peers", {"is_flag": True, "default": None,
+                                "help": "Allow 127.0.0.0/8 and ::1 as peers (tests only)."}),
+    ("--default-lifetime", {"metavar": "S", "help": "Allocation lifetime. Default 600."}),
+    ("--max-lifetime", {"metavar": "S", "help": "Longest allocation lifetime. Default 3600."}),
+    ("--user-quota", {"metavar": "N", "help": "Allocations per user (0 = no limit). Def. 10."}),
+    ("--ip-quota", {"metavar": "N", "help": "Allocations per client IP. Default 64."}),
+    ("--total-quota", {"metavar": "N", "help": "Allocations in total. Default 20000."}),
+    ("--permission-quota", {"metavar": "N", "help": "Permissions per allocation. Def. 64."}),
+    ("--channel-quota", {"metavar": "N", "help": "Channels per allocation. Default 64."}),
+    ("--max-bps", {"metavar": "N", "help": "Bytes/s per allocation each way (0 = no limit)."}),
+    ("--nonce-secret", {"metavar": "TEXT", "help": "Nonce HMAC secret (default random)."}),
+    ("--log-level", {"metavar": "LEVEL", "help": "debug, info, warning or error."}),
+    ("--log-format", {"metavar": "FORMAT", "help": "text or json (default text)."}),
+)  # fmt: skip
+
+
+def _load(config_file: str | None, options: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     given = {k: v for k, v in options.items() if v is not None and v != ()}
+    layers = [load_toml(config_file)] if config_file else []
+    return layers, given
+
+
+@cli.command()
+@_options(*SERVER_OPTIONS)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
+def serve(config_file: str | None, **options: Any) -> None:
+    """Run the STUN/TURN server. With no options: STUN on 0.0.0.0:3478 and [::]:3478, TURN for
+    the users of the default user store (created on first run)."""
     try:
-        layers = [load_toml(config_file)] if config_file else []
+        layers, given = _load(config_file, options)
         config = build_config(*layers, given)
+        if config.turn and not config.has_credentials:
+            path = default_user_db()
+            first = ensure_default_user(path, config.realm)
+            if first is not None:
+                click.echo(f"TURN: created the user store {first.path} with one user:")
+                click.echo(f"  username: {first.username}")
+                click.echo(f"  password: {first.password}")
+                click.echo("  (shown once; manage users with `stunturn users`)")
+            given["user_db"] = str(path)
+            config = build_config(*layers, given)
     except ConfigError as exc:
         _fail(str(exc))
         return
@@ -73,11 +124,27 @@ def serve(config_file: str | None, **options: Any) -> None:
 
 
 def _run(config: ServerConfig) -> None:
-    def ready(listeners: list[Any]) -> None:
-        mode = "on" if config.alt_address else "off"
+    def ready(final: ServerConfig, listeners: list[Any]) -> None:
+        mode = "on" if final.alt_address else "off"
+        turn = "off"
+        if final.turn:
+            sources = [
+                name
+                for name, present in (
+                    ("static users", final.user),
+                    (f"user store {final.user_db}", final.user_db),
+                    ("REST secrets", final.auth_secret),
+                )
+                if present
+            ]
+            turn = (
+                f"realm {final.realm!r}, relay {', '.join(final.relay_ip)} "
+                f"ports {final.relay_ports[0]}-{final.relay_ports[1]}, {'; '.join(sources)}"
+            )
         click.echo(
-            f"stunturn {__version__}: STUN server, {config.workers} worker(s), RFC 5780 {mode}"
+            f"stunturn {__version__}: STUN server, {final.workers} worker(s), RFC 5780 {mode}"
         )
+        click.echo(f"TURN: {turn}")
         for listener in listeners:
             click.echo(f"listening on {listener}")
         sys.stdout.flush()
@@ -89,6 +156,142 @@ def _run(config: ServerConfig) -> None:
         return
     counts = ", ".join(f"{k}={v}" for k, v in result.counters.as_dict().items())
     click.echo(f"stopped ({counts})")
+
+
+# --- users --------------------------------------------------------------------------------
+
+
+@cli.group()
+def users() -> None:
+    """Manage the SQLite user store (it keeps derived keys, never passwords)."""
+
+
+def _db_option(func: Callable[..., Any]) -> Any:
+    return click.option(
+        "--user-db",
+        "db",
+        metavar="PATH",
+        help=f"User store (default {default_user_db()}).",
+    )(func)
+
+
+def _open_store(db: str | None, create: bool) -> SqliteUsers:
+    path = Path(db) if db else default_user_db()
+    try:
+        return SqliteUsers(path, create=create)
+    except FileNotFoundError:
+        _fail(f"user-db: no such file: {path}")
+        raise AssertionError("unreachable") from None
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--password", help="Password (default: a random one, printed).")
+@click.option("--realm", default="stunturn", show_default=True, help="Realm of the server.")
+@_db_option
+def users_add(name: str, password: str | None, realm: str, db: str | None) -> None:
+    """Add a user, or replace its password."""
+    generated = password is None
+    password = password or random_password()
+    store = _open_store(db, create=True)
+    try:
+        store.add(name, password, realm)
+    except ValueError as exc:
+        _fail(f"password: {exc}")
+    finally:
+        store.close()
+    click.echo(f"added {name} in realm {realm!r} to {store.path}")
+    if generated:
+        click.echo(f"password: {password}")
+
+
+@users.command("list")
+@_db_option
+def users_list(db: str | None) -> None:
+    """List users (name, realm, when added)."""
+    store = _open_store(db, create=False)
+    try:
+        for record in store.users():
+            added = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
+            click.echo(f"{record.username}\t{record.realm}\t{added}Z")
+    finally:
+        store.close()
+
+
+@users.command("remove")
+@click.argument("name")
+@click.option("--realm", help="Only in this realm (default: every realm).")
+@_db_option
+def users_remove(name: str, realm: str | None, db: str | None) -> None:
+    """Remove a user."""
+    store = _open_store(db, create=False)
+    try:
+        removed = store.remove(name, realm)
+    finally:
+        store.close()
+    if not removed:
+        _fail(f"no user {name!r} in {store.path}")
+    click.echo(f"removed {name}")
+
+
+# --- credentials (TURN REST) --------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--secret", required=True, help="The shared secret the server has (--auth-secret).")
+@click.option("--user", default="", help="Who the credential is for (any string).")
+@click.option("--ttl", default=86400, show_default=True, type=click.IntRange(1), help="Seconds.")
+@click.option(
+    "--algorithm", type=click.Choice(["sha1", "sha256"]), default="sha1", show_default=True
+)
+@click.option("--url", "urls", multiple=True, metavar="URL",
+              help="TURN URL for the iceServers snippet (repeatable).")  # fmt: skip
+def credentials(secret: str, user: str, ttl: int, algorithm: str, urls: tuple[str, ...]) -> None:
+    """Print an ephemeral TURN username and password (TURN REST API) and an iceServers snippet."""
+    username = rest_username(user, int(time.time()) + ttl)
+    password = rest_password(secret, username, algorithm)
+    click.echo(f"username: {username}")
+    click.echo(f"password: {password}")
+    snippet = {
+        "iceServers": [
+            {
+                "urls": list(urls) or ["turn:YOUR-SERVER:3478?transport=udp"],
+                "username": username,
+                "credential": password,
+            }
+        ]
+    }
+    click.echo(json.dumps(snippet, indent=2))
+
+
+# --- check-peer ---------------------------------------------------------------------------
+
+
+@cli.command("check-peer")
+@click.argument("address")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
+@_options(*(o for o in SERVER_OPTIONS if o[0] in (
+    "--listen", "--relay-ip", "--relay-ports", "--allow-peer", "--deny-peer",
+    "--allow-loopback-peers",
+)))  # fmt: skip
+def check_peer(address: str, config_file: str | None, **options: Any) -> None:
+    """Say whether the peer policy lets a TURN client reach ADDRESS (IP or IP:PORT)."""
+    host, port = address, None
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    elif address.count(":") == 1:
+        host, _, port_text = address.partition(":")
+        port = int(port_text) if port_text.isdigit() else None
+    try:
+        layers, given = _load(config_file, options)
+        config = prepare(build_config(*layers, given, {"user": ["check:peer"]}))
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    decision = peer_policy(config).check(host, port)
+    click.echo(f"{address}: {decision}")
+    sys.exit(0 if decision.allowed else 1)
 
 
 def main() -> None:

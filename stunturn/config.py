@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,32 @@ class ServerConfig:
     response_rate: float = 200.0
     response_burst: int = 400
     software: str | None = None
+    # --- TURN -----------------------------------------------------------------------------
+    turn: bool = True
+    realm: str = "stunturn"
+    user: tuple[tuple[str, str], ...] = ()
+    user_db: str | None = None
+    auth_secret: tuple[str, ...] = ()
+    auth_secret_algorithm: str = "sha1"
+    relay_ip: tuple[str, ...] = ()
+    relay_ports: tuple[int, int] = (49152, 65535)
+    allow_peer: tuple[str, ...] = ()
+    deny_peer: tuple[str, ...] = ()
+    allow_loopback_peers: bool = False
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    user_quota: int = 10
+    ip_quota: int = 64
+    total_quota: int = 20_000
+    permission_quota: int = 64
+    channel_quota: int = 64
+    max_bps: int = 0
+    nonce_secret: str | None = None
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether any credential source is configured (else the default user store is used)."""
+        return bool(self.user or self.user_db or self.auth_secret)
 
     def validate(self) -> ServerConfig:
         """Cross-field checks; returns self so calls can chain."""
@@ -109,10 +135,10 @@ class ServerConfig:
             raise ConfigError("cert" if self.cert is None else "key", "give both cert and key")
         if self.cert is not None and not self.tls_listen:
             raise ConfigError("tls-listen", "cert and key are given but no tls-listen address")
-        for name in ("cert", "key"):
+        for name in ("cert", "key", "user_db"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
-                raise ConfigError(name, f"no such file: {value}")
+                raise ConfigError(name.replace("_", "-"), f"no such file: {value}")
         if not self.udp and not self.tcp and not self.tls_listen:
             raise ConfigError("udp", "udp and tcp are both off and there is no tls-listen")
         if self.alt_address is not None:
@@ -128,6 +154,13 @@ class ServerConfig:
                 raise ConfigError("alt-address", "must differ from the primary listen address")
             if primary.port == 65535:
                 raise ConfigError("listen", "RFC 5780 needs port+1; the primary port is 65535")
+        if self.default_lifetime > self.max_lifetime:
+            raise ConfigError("default-lifetime", "must not exceed max-lifetime")
+        if (
+            sum(":" in ip for ip in self.relay_ip) > 1
+            or sum(":" not in ip for ip in self.relay_ip) > 1
+        ):
+            raise ConfigError("relay-ip", "give at most one IPv4 and one IPv6 relay address")
         return self
 
     def primary_for(self, alt: Endpoint) -> Endpoint | None:
@@ -136,9 +169,6 @@ class ServerConfig:
             if ep.family_v6 == alt.family_v6 and not ep.is_wildcard:
                 return ep
         return None
-
-
-_LIST_FIELDS = {"listen", "tls_listen"}
 
 
 def _as_int(name: str, value: Any, low: int, high: int) -> int:
@@ -177,45 +207,121 @@ def _as_str(name: str, value: Any) -> str:
     return value
 
 
+def _as_list(name: str, value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(name, f"must be a string or a list of strings, got {value!r}")
+    return [_as_str(name, v) for v in items]
+
+
+def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def convert(name: str, value: Any) -> str:
+        text = _as_str(name, value).lower()
+        if text not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return convert
+
+
+def _as_ip(name: str, value: Any) -> str:
+    text = _as_str(name, value)
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        raise ConfigError(name, f"{text!r} is not an IP address") from None
+
+
+def _as_software(name: str, value: Any) -> str:
+    text = _as_str(name, value)
+    if len(text) >= 128 or len(text.encode()) > 763:
+        raise ConfigError(name, "must be fewer than 128 characters (RFC 8489 section 14.14)")
+    return text
+
+
+def _as_users(name: str, value: Any) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in _as_list(name, value):
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError(name, f"expected NAME:PASSWORD, got {item!r}")
+        out.append((user, password))
+    return tuple(out)
+
+
+def _as_port_range(name: str, value: Any) -> tuple[int, int]:
+    text = _as_str(name, value)
+    low, sep, high = text.partition("-")
+    if not sep or not _PORT.fullmatch(low) or not _PORT.fullmatch(high):
+        raise ConfigError(name, f"expected LOW-HIGH, got {text!r}")
+    lo, hi = int(low), int(high)
+    if not 1024 <= lo <= hi <= 65535:
+        raise ConfigError(name, f"need 1024 <= LOW <= HIGH <= 65535, got {text!r}")
+    return (lo, hi)
+
+
+def _as_networks(name: str, value: Any) -> tuple[str, ...]:
+    items = _as_list(name, value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(name, f"{item!r} is not an IP network (CIDR)") from None
+    return tuple(item.strip() for item in items)
+
+
+def _endpoints(default_port: int) -> Callable[[str, Any], tuple[Endpoint, ...]]:
+    def convert(name: str, value: Any) -> tuple[Endpoint, ...]:
+        return tuple(parse_endpoint(v, default_port, name) for v in _as_list(name, value))
+
+    return convert
+
+
+def _int(low: int, high: int) -> Callable[[str, Any], int]:
+    return lambda name, value: _as_int(name, value, low, high)
+
+
+_CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
+    "listen": _endpoints(DEFAULT_PORT),
+    "tls_listen": _endpoints(DEFAULT_TLS_PORT),
+    "cert": _as_str,
+    "key": _as_str,
+    "alt_address": _as_ip,
+    "udp": _as_bool,
+    "tcp": _as_bool,
+    "workers": _int(1, 256),
+    "log_level": _as_choice(LOG_LEVELS),
+    "log_format": _as_choice(LOG_FORMATS),
+    "response_rate": lambda name, value: _as_float(name, value, 0.0),
+    "response_burst": _int(1, 1_000_000_000),
+    "software": _as_software,
+    "turn": _as_bool,
+    "realm": _as_software,
+    "user": _as_users,
+    "user_db": _as_str,
+    "auth_secret": lambda name, value: tuple(_as_list(name, value)),
+    "auth_secret_algorithm": _as_choice(("sha1", "sha256")),
+    "relay_ip": lambda name, value: tuple(_as_ip(name, v) for v in _as_list(name, value)),
+    "relay_ports": _as_port_range,
+    "allow_peer": _as_networks,
+    "deny_peer": _as_networks,
+    "allow_loopback_peers": _as_bool,
+    "default_lifetime": _int(60, 86_400),
+    "max_lifetime": _int(60, 86_400),
+    "user_quota": _int(0, 1_000_000),
+    "ip_quota": _int(0, 1_000_000),
+    "total_quota": _int(0, 10_000_000),
+    "permission_quota": _int(0, 100_000),
+    "channel_quota": _int(0, 4096),
+    "max_bps": _int(0, 10**12),
+    "nonce_secret": _as_str,
+}
+"""Field name -> converter(display name, raw value); every field of ServerConfig has one."""
+
+
 def _convert(name: str, value: Any) -> Any:
     """Convert and check one raw value (from TOML or the CLI) for field ``name``."""
-    key = name.replace("_", "-")
-    if name in _LIST_FIELDS:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(key, f"must be a list of HOST:PORT strings, got {value!r}")
-        default_port = DEFAULT_TLS_PORT if name == "tls_listen" else DEFAULT_PORT
-        return tuple(parse_endpoint(_as_str(key, v), default_port, key) for v in items)
-    if name == "workers":
-        return _as_int(key, value, 1, 256)
-    if name == "response_burst":
-        return _as_int(key, value, 1, 1_000_000_000)
-    if name == "response_rate":
-        return _as_float(key, value, 0.0)
-    if name in ("udp", "tcp"):
-        return _as_bool(key, value)
-    if name == "log_level":
-        level = _as_str(key, value).lower()
-        if level not in LOG_LEVELS:
-            raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-        return level
-    if name == "log_format":
-        fmt = _as_str(key, value).lower()
-        if fmt not in LOG_FORMATS:
-            raise ConfigError(key, f"must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-        return fmt
-    if name == "software":
-        text = _as_str(key, value)
-        if len(text) >= 128 or len(text.encode()) > 763:
-            raise ConfigError(key, "must be fewer than 128 characters (RFC 8489 section 14.14)")
-        return text
-    if name == "alt_address":
-        text = _as_str(key, value)
-        try:
-            return ipaddress.ip_address(text).compressed
-        except ValueError:
-            raise ConfigError(key, f"{text!r} is not an IP address") from None
-    return _as_str(key, value)
+    return _CONVERTERS[name](name.replace("_", "-"), value)
 
 
 FIELD_NAMES = tuple(f.name for f in fields(ServerConfig))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +12,10 @@ import pytest
 
 # Make ``import helpers`` work however pytest was invoked (rootdir, file paths, -p modes).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Servers started without credentials create the default user store under XDG_DATA_HOME: keep
+# that out of the real home directory, in a directory of this test session.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="stunturn-tests-xdg-")
 
 from helpers import InProcessServer, ServerProcess
 

@@ -166,6 +166,7 @@ def test_fast_path_and_general_path_agree(
         assert core.binding.fast_response(decorated, local, packed, remote[1]) is None
     (fast,) = core.handle_udp(bare, local, remote, NOW)
     (general,) = core.handle_udp(decorated, local, remote, NOW)
+    assert isinstance(fast, SendTo) and isinstance(general, SendTo)
     assert decode(fast.data).attributes == decode(general.data).attributes
     assert fast == general
     respond, source, dest = core.binding.respond(decode(bare), local, remote, Transport.UDP)
@@ -344,7 +345,8 @@ def test_fast_path_on_every_grid_listener(local: tuple[str, int]) -> None:
     core = grid_core()
     expected = [SendTo(grid_success(local, local, REMOTE), local, REMOTE)]
     assert core.handle_udp(request(), local, REMOTE, NOW) == expected
-    assert core.handle_udp(request(fingerprint=True), local, REMOTE, NOW)[0].local == local
+    (action,) = core.handle_udp(request(fingerprint=True), local, REMOTE, NOW)
+    assert isinstance(action, SendTo) and action.local == local
 
 
 def test_alternate_addresses_grid() -> None:
@@ -365,6 +367,7 @@ def test_response_port_redirects_the_destination_port(make_core: Callable[[], Se
     """RFC 5780 7.5: the response goes to the request's source IP and the RESPONSE-PORT port."""
     core = make_core()
     (action,) = core.handle_udp(request(ResponsePort(40000)), LOCAL, REMOTE, NOW)
+    assert isinstance(action, SendTo)
     assert (action.local, action.remote) == (LOCAL, (REMOTE[0], 40000))
     # XOR-MAPPED-ADDRESS still reports where the request came from.
     assert decode(action.data).get(XorMappedAddress) == XorMappedAddress(*REMOTE)
@@ -480,7 +483,7 @@ def test_binding_over_tcp() -> None:
 
 
 def test_channel_data_on_a_stun_only_server_is_ignored() -> None:
-    """ChannelData frames (first byte 0x40-0x4F) have no allocation to go to: ignored."""
+    """ChannelData frames (first byte 0x40-0x7F) have no allocation to go to: ignored."""
     core = plain_core()
     for frame in (b"\x40\x00\x00\x00", b"\x4f\xff\x00\x02ab"):
         assert core.handle_stream_frame(frame, LOCAL, REMOTE, Transport.TCP, NOW) == []

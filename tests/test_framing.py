@@ -2,7 +2,8 @@
 
 RFC 8489 section 6.2.2 (STUN over streams is self-delimiting), RFC 8656 section 12.5
 (ChannelData over streams is padded to 4; the length field excludes the padding),
-RFC 7983 section 7 (first byte 0x00-0x3F STUN, 0x40-0x4F ChannelData).
+First byte 0x00-0x3F STUN, 0x40-0x7F ChannelData (RFC 8656 channels 0x4000-0x4FFF plus the
+RFC 5766 range up to 0x7FFF that older clients use).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def channel_data(channel: int, payload: bytes) -> bytes:
 
 def padded(frame: bytes) -> bytes:
     """The frame as sent over a stream: ChannelData padded to a multiple of 4."""
-    if 0x40 <= frame[0] < 0x50:
+    if 0x40 <= frame[0] < 0x80:
         return frame + b"\x00" * (-len(frame) % 4)
     return frame
 
@@ -117,7 +118,7 @@ def test_interleaved_in_one_chunk() -> None:
 
 
 frame_strategy = st.one_of(
-    st.builds(channel_data, st.integers(0x4000, 0x4FFF), st.binary(max_size=70)),
+    st.builds(channel_data, st.integers(0x4000, 0x7FFF), st.binary(max_size=70)),
     st.builds(
         lambda tid, data: Message(Method.BINDING, MessageClass.REQUEST, tid, [Data(data)]).encode(),
         st.binary(min_size=12, max_size=12),
@@ -137,9 +138,9 @@ def test_interleaved_with_random_chunking(frames: list[bytes], data: st.DataObje
     assert framer.buffered == 0
 
 
-@pytest.mark.parametrize("first", range(0x50, 0x100, 0x0F))
+@pytest.mark.parametrize("first", range(0x80, 0x100, 0x0F))
 def test_bad_first_byte_raises_framing_error_sampled(first: int) -> None:
-    """Bytes 0x50-0xFF cannot start a frame: FramingError, as soon as 4 bytes are in."""
+    """Bytes 0x80-0xFF cannot start a frame: FramingError, as soon as 4 bytes are in."""
     framer = StreamFramer()
     assert framer.feed(bytes((first, 0, 0))) == []
     with pytest.raises(FramingError):
@@ -147,11 +148,11 @@ def test_bad_first_byte_raises_framing_error_sampled(first: int) -> None:
 
 
 def test_every_bad_first_byte() -> None:
-    """All of 0x50-0xFF raise; all of 0x00-0x4F are accepted as a frame start."""
+    """All of 0x80-0xFF raise; all of 0x00-0x7F are accepted as a frame start."""
     for first in range(0x100):
         framer = StreamFramer()
         data = bytes((first, 0x01, 0x00, 0x00)) + bytes(16)
-        if first >= 0x50:
+        if first >= 0x80:
             with pytest.raises(FramingError):
                 framer.feed(data)
         else:

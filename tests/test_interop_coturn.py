@@ -163,11 +163,12 @@ def test_uclient_reads_our_error_over_streams(
     stunturn_server: StartServer, loop: str, tls: bool
 ) -> None:
     """Labelled honestly: coturn has no STUN Binding client for TCP/TLS. Its TURN client
-    ``turnutils_uclient -t`` (``-S`` for TLS) sends an Allocate over the stream; our STUN-only
-    server answers 400, and uclient parses that error out of the TCP/TLS byte stream and
-    reports "error 400 (Bad Request)" (it then exits non-zero, having no relay)."""
+    ``turnutils_uclient -t`` (``-S`` for TLS) sends an Allocate over the stream; our server
+    with TURN switched off (``--no-turn``) answers 400, and uclient parses that error out of the
+    TCP/TLS byte stream and reports "error 400 (Bad Request)" (it then exits non-zero, having
+    no relay)."""
     assert UCLIENT is not None
-    args = ["--listen", "127.0.0.1:0", "--workers", "1"]
+    args = ["--listen", "127.0.0.1:0", "--workers", "1", "--no-turn"]
     server = stunturn_server(*args, *(["--tls-listen", "127.0.0.1:0"] if tls else []), loop=loop)
     port = server.addr("tls" if tls else "tcp", "127.0.0.1")[1]
     flags = ["-t", "-S"] if tls else ["-t"]

@@ -152,7 +152,7 @@ def garbage_streams(server: Address, rng: random.Random) -> int:
     closed = 0
     for _ in range(20):
         with tcp_connect(server) as sock:
-            junk = bytes([rng.randrange(0x50, 0x100)]) + rng.randbytes(rng.randrange(1, 8192))
+            junk = bytes([rng.randrange(0x80, 0x100)]) + rng.randbytes(rng.randrange(1, 8192))
             try:
                 sock.sendall(junk)
                 sock.settimeout(2.0)

@@ -194,13 +194,15 @@ def test_udp_bad_fingerprint_is_dropped(basic: ServerProcess, host: str) -> None
 
 @pytest.mark.parametrize("host", HOSTS)
 def test_udp_other_method_is_400(basic: ServerProcess, host: str) -> None:
-    """A request for a method a STUN-only server does not serve (Allocate) gets 400."""
+    """A request for a method the server does not serve (0x0123) gets 400; an Allocate without
+    credentials gets 401 (TURN is on by default), never a success."""
     with udp_socket(host) as sock:
-        request = Message(Method.ALLOCATE, MessageClass.REQUEST)
-        sock.sendto(request.encode(), basic.addr("udp", host))
-        got = recv_response(sock, request.transaction_id)
-        assert got is not None and got[0].cls is MessageClass.ERROR
-        assert error_code(got[0]) == 400
+        for method, code in ((0x123, 400), (Method.ALLOCATE, 401)):
+            request = Message(method, MessageClass.REQUEST)
+            sock.sendto(request.encode(), basic.addr("udp", host))
+            got = recv_response(sock, request.transaction_id)
+            assert got is not None and got[0].cls is MessageClass.ERROR
+            assert error_code(got[0]) == code
 
 
 def test_udp_many_clients_at_once(basic: ServerProcess) -> None:

@@ -1,9 +1,15 @@
 """The asyncio layer of the server: sockets in, :class:`ServerCore` in the middle, sockets out.
 
 One :class:`Worker` runs per process. It binds every listener itself (with SO_REUSEPORT when
-several workers share the addresses), feeds what arrives to its core and carries out the
-actions. The UDP path reads with non-blocking ``recvfrom`` in a drain loop from one reader
-callback per socket, which costs far less per datagram than a transport and protocol object.
+several workers share the addresses), feeds what arrives to its core, carries out the actions
+and keeps the core's one timer armed. The UDP path reads in a drain loop from one reader
+callback per socket (batched ``recvmmsg`` where available), which costs far less per datagram
+than a transport and protocol object.
+
+Two hot paths never reach the core's general code: Binding requests without attributes
+(:meth:`ServerCore.fast_udp`) and ChannelData from clients, which is one dict lookup in the
+route table the core keeps current and one ``sendto`` on the relay socket. The peer-to-client
+direction is in :mod:`stunturn.aio.relay`.
 """
 
 from __future__ import annotations
@@ -12,22 +18,28 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import signal
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from ..config import Endpoint, ServerConfig
-from ..server.actions import SendTo, Transport
+from ..server.actions import Action, RelayTo, Transport
 from ..server.binding import AlternateAddresses
 from ..server.core import CoreConfig, ServerCore, source_key
+from ..server.keys import IPV6_KEY_BIT, address_key
 from ..stun import Address, FramingError, StreamFramer
+from ..turn import Allocation, ChannelRoute, Quotas
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO
 from .mmsg import available as mmsg_available
+from .relay import RelaySocket, UdpRelayBinder
 from .tls import server_context
+from .turnsetup import build_turn, prepare
 
 log = logging.getLogger("stunturn.server")
 _U32 = struct.Struct("I")
@@ -135,6 +147,10 @@ class UdpListener:
         host, port = sock.getsockname()[:2]
         self.local: Address = (host, port)
         self.v6 = sock.family == socket.AF_INET6
+        turn = worker.core.turn
+        self.routes: dict[int, ChannelRoute] = (
+            turn.route_table(Transport.UDP, self.local) if turn is not None else {}
+        )
 
     def on_readable(self) -> None:
         """Plain path: one ``recvfrom``/``sendto`` per datagram (no batched I/O here)."""
@@ -148,6 +164,7 @@ class UdpListener:
         local = self.local
         v6 = self.v6
         key = source_key
+        routes = self.routes
         now = self.worker.loop.time()
         for _ in range(UDP_BATCH):
             try:
@@ -159,7 +176,12 @@ class UdpListener:
                 continue
             if v6:
                 addr = addr[:2]
-            else:
+            if len(data) >= 4 and 0x40 <= data[0] < 0x80:
+                route = routes.get((address_key(addr) << 16) | (data[0] << 8) | data[1])
+                if route is not None:
+                    relay_channel_data(route, data)
+                    continue
+            elif not v6:
                 response = fast(data, local, key(addr[0]), addr[1], now)
                 if response is not None:
                     if response:
@@ -170,6 +192,7 @@ class UdpListener:
                     continue
             for action in handle(data, local, addr, now):
                 send(action)
+        self.worker.rearm()
 
     def on_readable_batched(self) -> None:
         """Batched path: ``recvmmsg`` up to 32 datagrams, answer the common Binding requests
@@ -187,13 +210,26 @@ class UdpListener:
         from_bytes = int.from_bytes
         batch = io.batch
         now = self.worker.loop.time()
+        routes = self.routes
         for _ in range(UDP_BATCH // batch):
             n = io.recv(fd)
             for i in range(n):
                 off = i * SLOT
                 data = rx[off : off + unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]]
                 noff = i * NAME
-                if names[noff] == socket.AF_INET:
+                first = data[0] if len(data) >= 4 else 0
+                if 0x40 <= first < 0x80:
+                    # ChannelData: one lookup keyed by (client address, channel).
+                    if names[noff] == socket.AF_INET:
+                        ip = from_bytes(names[noff + 4 : noff + 8], "big")
+                    else:
+                        ip = IPV6_KEY_BIT | from_bytes(names[noff + 8 : noff + 24], "big")
+                    port = (names[noff + 2] << 8) | names[noff + 3]
+                    route = routes.get((((ip << 16) | port) << 16) | (first << 8) | data[1])
+                    if route is not None:
+                        relay_channel_data(route, data)
+                        continue
+                elif names[noff] == socket.AF_INET:
                     response = fast(
                         data,
                         local,
@@ -213,7 +249,22 @@ class UdpListener:
             if failed:
                 core.counters.send_failed += failed
             if n < batch:
-                return
+                break
+        self.worker.rearm()
+
+
+def relay_channel_data(route: ChannelRoute, data: bytes | memoryview) -> None:
+    """Client to peer: forward a ChannelData payload from the allocation's relay socket."""
+    length = (data[2] << 8) | data[3]
+    if length > len(data) - 4:
+        return  # truncated: dropped (RFC 8656 section 12.5)
+    alloc = route.allocation
+    alloc.bytes_to_peer += length
+    alloc.packets_to_peer += 1
+    try:  # noqa: SIM105 - try/except costs less than contextlib.suppress per datagram
+        route.relay.sendto(data[4 : 4 + length], route.peer)
+    except OSError:
+        pass  # the peer path is best effort, as UDP is
 
 
 class StreamConnection(asyncio.Protocol):
@@ -235,6 +286,7 @@ class StreamConnection(asyncio.Protocol):
         self.local = (sockname[0], sockname[1])
         self.remote = (peername[0], peername[1])
         self.worker.connections.add(self)
+        self.worker.streams[(self.kind, self.remote, self.local)] = self
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -251,11 +303,22 @@ class StreamConnection(asyncio.Protocol):
             for action in self.worker.core.handle_stream_frame(
                 frame, self.local, self.remote, self.kind, now
             ):
-                if action.remote == self.remote:
+                if isinstance(action, RelayTo):
+                    self.worker.relay(action)
+                elif action.remote == self.remote:
                     self.transport.write(action.data)
+        self.worker.rearm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)
+        five_tuple = (self.kind, self.remote, self.local)
+        self.worker.streams.pop(five_tuple, None)
+        turn = self.worker.core.turn
+        if turn is not None:
+            # RFC 8656 section 3.1: an allocation over TCP/TLS ends with its connection.
+            alloc = turn.allocations.get(five_tuple)
+            if alloc is not None:
+                turn.delete(alloc, "connection closed")
         if self._idle is not None:
             self._idle.cancel()
 
@@ -272,18 +335,32 @@ class StreamConnection(asyncio.Protocol):
 class Worker:
     """Binds the listeners of one process and serves them until :meth:`stop`."""
 
-    def __init__(self, config: ServerConfig, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        reuse_port: bool = False,
+        *,
+        index: int = 0,
+        quotas: Quotas | None = None,
+    ) -> None:
         self.config = config
         self.core_config = core_config(config)
-        self.core = ServerCore(self.core_config)
-        self.reuse_port = reuse_port
         self.loop = asyncio.get_running_loop()
         self.udp: dict[Address, UdpListener] = {}
+        self.streams: dict[tuple[Transport, Address, Address], StreamConnection] = {}
+        turn = None
+        if config.turn:
+            turn = build_turn(config, UdpRelayBinder(self), index, config.workers, quotas)
+            turn.clock_offset = time.time() - self.loop.time()
+        self.core = ServerCore(self.core_config, turn)
+        self.reuse_port = reuse_port
         self.servers: list[asyncio.Server] = []
         self.connections: set[StreamConnection] = set()
         self.listeners: list[Listener] = []
         self._stopped = asyncio.Event()
         self.batch_io = BatchIO() if mmsg_available() else None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     async def start(self) -> list[Listener]:
         """Bind everything; raises OSError (e.g. address in use) with nothing left bound."""
@@ -326,8 +403,17 @@ class Worker:
         host, port = sock.getsockname()[:2]
         self.listeners.append(Listener(kind, (host, port)))
 
-    def send(self, action: SendTo) -> None:
-        """Carry out a UDP SendTo from the listener bound to ``action.local``."""
+    def send(self, action: Action) -> None:
+        """Carry out an action: a UDP SendTo from the listener bound to ``action.local``, or a
+        RelayTo from a relay socket."""
+        if isinstance(action, RelayTo):
+            self.relay(action)
+            return
+        if action.transport is not Transport.UDP:
+            conn = self.streams.get((action.transport, action.remote, action.local))
+            if conn is not None and conn.transport is not None:
+                conn.transport.write(action.data)
+            return
         listener = self.udp.get(action.local)
         if listener is None:
             self.core.counters.send_failed += 1
@@ -340,6 +426,40 @@ class Worker:
             if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
                 log.debug("sendto %s failed: %s", action.remote, exc)
 
+    def relay(self, action: RelayTo) -> None:
+        relay = action.relay
+        assert isinstance(relay, RelaySocket)
+        relay.send(action.data, action.peer)
+
+    def send_stream(self, alloc: Allocation | None, frame: bytes) -> None:
+        """Peer data for a client on TCP/TLS: write it to the allocation's connection."""
+        if alloc is None:
+            return
+        conn = self.streams.get(alloc.five_tuple)
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(frame)
+
+    # --- the core's one timer ---------------------------------------------------------------
+
+    def rearm(self) -> None:
+        """Arm the timer for the core's next deadline, if earlier than the one armed."""
+        deadline = self.core.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        now = self.loop.time()
+        turn = self.core.turn
+        if turn is not None:
+            turn.clock_offset = time.time() - now
+        self.core.on_timer(now)
+        self.rearm()
+
     def stop(self) -> None:
         self._stopped.set()
 
@@ -348,6 +468,10 @@ class Worker:
 
     async def close(self) -> None:
         """Unbind everything and close open connections."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.core.turn is not None:
+            self.core.turn.close_all()
         for listener in self.udp.values():
             self.loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
@@ -369,9 +493,12 @@ async def serve_forever(
     reuse_port: bool = False,
     on_ready: Callable[[Worker], None] | None = None,
     install_signals: bool = True,
+    index: int = 0,
+    quotas: Quotas | None = None,
 ) -> Worker:
     """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed."""
-    worker = Worker(config, reuse_port)
+    raise_fd_limit()
+    worker = Worker(prepare(config), reuse_port, index=index, quotas=quotas)
     await worker.start()
     loop = asyncio.get_running_loop()
     if install_signals:
@@ -387,6 +514,14 @@ async def serve_forever(
                 loop.remove_signal_handler(sig)
         await worker.close()
     return worker
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each allocation holds a socket."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -28,6 +28,8 @@ from ..server.actions import Transport
 from ..server.counters import Counters
 from .server import Listener, Worker, core_config, new_event_loop, serve_forever, tcp_endpoints
 from .server import udp_endpoints as udp_endpoints_of
+from .shared import SharedQuotas
+from .turnsetup import limits_of, prepare
 
 log = logging.getLogger("stunturn.workers")
 
@@ -114,7 +116,12 @@ def resolve_ports(config: ServerConfig) -> ServerConfig:
 # --- worker process --------------------------------------------------------------------------
 
 
-def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connection) -> None:
+def _worker_main(
+    config: ServerConfig,
+    conn: multiprocessing.connection.Connection,
+    index: int,
+    quotas: SharedQuotas | None,
+) -> None:
     """Entry point of a worker process (spawned).
 
     SIGINT/SIGTERM stop the worker; once stopping, further signals are ignored, so a stop
@@ -143,7 +150,14 @@ def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connecti
 
     try:
         worker = loop.run_until_complete(
-            serve_forever(config, reuse_port=True, on_ready=ready, install_signals=False)
+            serve_forever(
+                config,
+                reuse_port=True,
+                on_ready=ready,
+                install_signals=False,
+                index=index,
+                quotas=quotas.view(index) if quotas is not None else None,
+            )
         )
     except OSError as exc:
         conn.send(("error", f"cannot bind: {exc.strerror or exc}"))
@@ -162,14 +176,19 @@ class Supervisor:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
+        self.quotas = (
+            SharedQuotas(limits_of(config), config.workers, self.ctx) if config.turn else None
+        )
         self.procs: list[tuple[Any, multiprocessing.connection.Connection]] = []
         self.listeners: list[Listener] = []
         self.result = RunResult()
         self._restarts: list[float] = []
 
-    def _spawn(self) -> tuple[Any, multiprocessing.connection.Connection]:
+    def _spawn(self, index: int) -> tuple[Any, multiprocessing.connection.Connection]:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(self.config, child), daemon=True)
+        proc = self.ctx.Process(
+            target=_worker_main, args=(self.config, child, index, self.quotas), daemon=True
+        )
         proc.start()
         child.close()
         return proc, parent
@@ -191,8 +210,8 @@ class Supervisor:
         if not checked:
             _check_free(self.config)
         try:
-            for _ in range(self.config.workers):
-                proc, conn = self._spawn()
+            for index in range(self.config.workers):
+                proc, conn = self._spawn(index)
                 self.procs.append((proc, conn))
                 bound = self._await_ready(proc, conn)
             self.listeners = [Listener(_transport(t), tuple(a)) for t, a in bound]
@@ -231,7 +250,9 @@ class Supervisor:
         if len(self._restarts) > MAX_RESTARTS:
             raise StartupError("workers keep dying; giving up")
         conn.close()
-        new_proc, new_conn = self._spawn()
+        if self.quotas is not None:
+            self.quotas.reset_worker(index)  # its allocations died with it
+        new_proc, new_conn = self._spawn(index)
         self.procs[index] = (new_proc, new_conn)
         self._await_ready(new_proc, new_conn)
         log.info("worker %d restarted (pid %d)", index, new_proc.pid)
@@ -266,25 +287,33 @@ def _transport(name: str) -> Transport:
     return Transport(name)
 
 
-def run_server(config: ServerConfig, on_ready: Callable[[list[Listener]], None]) -> RunResult:
-    """Run until SIGINT/SIGTERM. Raises :class:`StartupError` when it cannot start."""
+def run_server(
+    config: ServerConfig, on_ready: Callable[[ServerConfig, list[Listener]], None]
+) -> RunResult:
+    """Run until SIGINT/SIGTERM. Raises :class:`StartupError` when it cannot start.
+
+    ``on_ready`` gets the configuration as completed at start (ports, relay addresses) and the
+    listeners, once every worker is serving.
+    """
     try:
-        config = resolve_ports(config)
+        config = prepare(resolve_ports(config))
     except OSError as exc:
         raise StartupError(f"cannot pick a port: {exc.strerror}") from None
     _check_free(config)
     if config.workers == 1:
         return _run_inline(config, on_ready)
     supervisor = Supervisor(config)
-    on_ready(supervisor.start(checked=True))
+    on_ready(config, supervisor.start(checked=True))
     return supervisor.run()
 
 
-def _run_inline(config: ServerConfig, on_ready: Callable[[list[Listener]], None]) -> RunResult:
+def _run_inline(
+    config: ServerConfig, on_ready: Callable[[ServerConfig, list[Listener]], None]
+) -> RunResult:
     loop = new_event_loop()
     try:
         worker = loop.run_until_complete(
-            serve_forever(config, on_ready=lambda w: on_ready(w.listeners))
+            serve_forever(config, on_ready=lambda w: on_ready(config, w.listeners))
         )
     except OSError as exc:
         raise StartupError(f"cannot bind: {exc.strerror or exc}") from None

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ..stun import Address
+
+if TYPE_CHECKING:
+    from ..turn.allocation import RelayHandle
 
 
 class Transport(StrEnum):
@@ -27,3 +31,15 @@ class SendTo:
     local: Address
     remote: Address
     transport: Transport = Transport.UDP
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTo:
+    """Send ``data`` from a TURN relay socket to ``peer``."""
+
+    relay: RelayHandle
+    data: bytes
+    peer: Address
+
+
+Action = SendTo | RelayTo

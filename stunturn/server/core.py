@@ -1,18 +1,22 @@
-"""The sans-IO server core: bytes and ``now`` in, :class:`SendTo` actions out.
+"""The sans-IO server core: bytes and ``now`` in, actions out.
 
 One core per worker process. The asyncio layer feeds it datagrams and stream frames and
-carries out what it returns. Errors are handled at exactly one boundary here:
+carries out what it returns (:class:`SendTo`, and :class:`~stunturn.turn.RelayTo` for TURN).
+Errors are handled at exactly one boundary here:
 
 * malformed input (:class:`StunParseError`, bad FINGERPRINT) is counted and dropped, never
   answered;
-* :class:`StunError` raised by a handler becomes an error response;
+* :class:`StunError` raised by a handler becomes an error response (signed when the request
+  was authenticated);
 * anything else is a bug and propagates.
 """
 
 from __future__ import annotations
 
-import socket
+import logging
+from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..stun import (
     REASONS,
@@ -25,21 +29,27 @@ from ..stun import (
     decode,
 )
 from ..stun.attributes import ErrorCode, Fingerprint, UnknownAttributes
-from .actions import SendTo, Transport
+from .actions import Action, RelayTo, SendTo, Transport
 from .binding import AlternateAddresses, BindingService
 from .counters import Counters
 from .errors import StunError
+from .keys import address_key, ip_key
 from .ratelimit import ResponseBudget
+
+if TYPE_CHECKING:
+    from ..turn.service import TurnService
+
+log = logging.getLogger("stunturn.server")
+
+_KNOWN_METHODS = frozenset(int(m) for m in Method)
+_TURN_REQUESTS = frozenset(
+    (Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
+)
 
 
 def source_key(host: str) -> int:
-    """An IP address as an integer: the IPv4 value itself, IPv6 offset above 2**32.
-
-    The rate limiter's key, and the form the fast path takes its requester's address in.
-    """
-    if ":" in host:
-        return (1 << 128) | int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
-    return int.from_bytes(socket.inet_aton(host), "big")
+    """The rate limiter's key for a source IP (see :func:`stunturn.server.keys.ip_key`)."""
+    return ip_key(host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +63,16 @@ class CoreConfig:
 
 
 class ServerCore:
-    """Dispatches STUN requests to services and keeps counters and the response budget."""
+    """Dispatches STUN/TURN messages to services; keeps counters and the response budget."""
 
-    def __init__(self, config: CoreConfig | None = None) -> None:
+    def __init__(self, config: CoreConfig | None = None, turn: TurnService | None = None):
         self.config = config or CoreConfig()
         self.counters = Counters()
+        self.error_codes: Counter[int] = Counter()
+        """Error responses sent, by code (401 and 438 included): for metrics."""
         self.binding = BindingService(self.config.rfc5780, self.config.software)
         self.budget = ResponseBudget(self.config.response_rate, self.config.response_burst)
+        self.turn = turn
 
     # --- input ------------------------------------------------------------------------------
 
@@ -83,36 +96,66 @@ class ServerCore:
         counters.binding_ok += 1
         return response
 
-    def handle_udp(self, data: bytes, local: Address, remote: Address, now: float) -> list[SendTo]:
+    def handle_udp(self, data: bytes, local: Address, remote: Address, now: float) -> list[Action]:
         """A datagram arrived on the UDP listener bound to ``local`` from ``remote``."""
         host, port = remote
         if ":" not in host:
-            fast = self.fast_udp(data, local, source_key(host), port, now)
+            fast = self.fast_udp(data, local, ip_key(host), port, now)
             if fast is not None:
                 return [SendTo(fast, local, remote)] if fast else []
         self.counters.received += 1
+        if data and 0x40 <= data[0] < 0x80:
+            return self._channel_data(data, Transport.UDP, local, remote)
         return self._handle_stun(data, local, remote, Transport.UDP, now)
 
     def handle_stream_frame(
         self, frame: bytes, local: Address, remote: Address, transport: Transport, now: float
-    ) -> list[SendTo]:
+    ) -> list[Action]:
         """A complete frame (from :class:`StreamFramer`) arrived on a TCP or TLS connection."""
         self.counters.received += 1
-        if frame and 0x40 <= frame[0] < 0x50:
-            # ChannelData: no TURN allocations exist on a STUN-only server.
-            self.counters.ignored += 1
-            return []
+        if frame and 0x40 <= frame[0] < 0x80:
+            return self._channel_data(frame, transport, local, remote)
         return self._handle_stun(frame, local, remote, transport, now)
 
     def count_malformed(self) -> None:
         """The I/O layer saw input it could not frame (e.g. a broken TCP stream)."""
         self.counters.malformed += 1
 
+    # --- timer ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` next has work to do; the I/O layer arms one timer for it."""
+        return self.turn.next_deadline() if self.turn is not None else None
+
+    def on_timer(self, now: float) -> None:
+        if self.turn is not None:
+            self.turn.expire(now)
+
     # --- dispatch ---------------------------------------------------------------------------
+
+    def _channel_data(
+        self, data: bytes, transport: Transport, local: Address, remote: Address
+    ) -> list[Action]:
+        """ChannelData that missed the I/O layer's fast path (or came over a stream)."""
+        turn = self.turn
+        if turn is None or len(data) < 4:
+            self.counters.ignored += 1
+            return []
+        number = (data[0] << 8) | data[1]
+        length = (data[2] << 8) | data[3]
+        route = turn.route_table(transport, local).get((address_key(remote) << 16) | number)
+        if route is None or length > len(data) - 4:
+            self.counters.ignored += 1
+            return []
+        payload = data[4 : 4 + length]
+        alloc = route.allocation
+        alloc.bytes_to_peer += length
+        alloc.packets_to_peer += 1
+        return [RelayTo(route.relay, payload, route.peer)]
 
     def _handle_stun(
         self, data: bytes, local: Address, remote: Address, transport: Transport, now: float
-    ) -> list[SendTo]:
+    ) -> list[Action]:
         counters = self.counters
         try:
             msg = decode(data)
@@ -123,30 +166,65 @@ class ServerCore:
         if fingerprint and not check_fingerprint(msg):
             counters.bad_fingerprint += 1
             return []
+        if msg.cls is MessageClass.INDICATION:
+            if msg.method == Method.SEND and self.turn is not None:
+                return list(self.turn.handle_send(msg, (transport, remote, local)))
+            counters.ignored += 1
+            return []
         if msg.cls is not MessageClass.REQUEST:
             counters.ignored += 1
             return []
-        if self.budget.rate and not self.budget.allow(source_key(remote[0]), now):
+        if self.budget.rate and not self.budget.allow(ip_key(remote[0]), now):
             counters.rate_limited += 1
             return []
         try:
-            unknown = msg.unknown_comprehension_required()
-            if unknown:
-                # RFC 8489 section 6.3.1.1: 420 listing what we did not understand.
-                raise StunError(420, (UnknownAttributes(tuple(unknown)),))
-            if msg.method != Method.BINDING:
-                raise StunError(400)
-            response, source, dest = self.binding.respond(
-                msg, local, remote, transport, fingerprint
-            )
+            if msg.method == Method.BINDING:
+                unknown = msg.unknown_comprehension_required()
+                if unknown:
+                    # RFC 8489 section 6.3.1.1: 420 listing what we did not understand.
+                    raise StunError(420, (UnknownAttributes(tuple(unknown)),))
+                response, source, dest = self.binding.respond(
+                    msg, local, remote, transport, fingerprint
+                )
+                counters.binding_ok += 1
+                return [SendTo(response.encode(fingerprint=fingerprint), source, dest, transport)]
+            if msg.method in _TURN_REQUESTS and self.turn is not None:
+                return [SendTo(self._turn_request(msg, transport, local, remote, now, fingerprint),
+                               local, remote, transport)]  # fmt: skip
+            raise StunError(400)
         except StunError as exc:
             counters.error_responses += 1
+            self.error_codes[exc.code] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                name = Method(msg.method).name if msg.method in _KNOWN_METHODS else msg.method
+                log.debug("%s %s from %s: %d %s", transport, name, remote, exc.code, exc.detail)
             return [SendTo(self._error(msg, exc, fingerprint), local, remote, transport)]
-        counters.binding_ok += 1
-        return [SendTo(response.encode(fingerprint=fingerprint), source, dest, transport)]
+
+    def _turn_request(
+        self,
+        msg: Message,
+        transport: Transport,
+        local: Address,
+        remote: Address,
+        now: float,
+        fingerprint: bool,
+    ) -> bytes:
+        assert self.turn is not None
+        five_tuple = (transport, remote, local)
+        response, auth = self.turn.handle_request(msg, five_tuple, now)
+        if isinstance(response, bytes):
+            return response  # a retransmitted Allocate: the same bytes as the first time
+        encoded = response.encode(
+            auth.key, sha1=not auth.sha256, sha256=auth.sha256, fingerprint=fingerprint
+        )
+        if msg.method == Method.ALLOCATE:
+            self.turn.remember_response(five_tuple, encoded)
+        return encoded
 
     def _error(self, request: Message, exc: StunError, fingerprint: bool) -> bytes:
         response = Message(request.method, MessageClass.ERROR, request.transaction_id)
         response.attributes.append(ErrorCode(exc.code, REASONS.get(exc.code, "")))
         response.attributes.extend(exc.attributes)
-        return response.encode(fingerprint=fingerprint)
+        return response.encode(
+            exc.key, sha1=not exc.sha256, sha256=exc.sha256, fingerprint=fingerprint
+        )

@@ -4,9 +4,10 @@ RFC 8489 section 6.2.2: over streams, STUN messages are self-delimiting through 
 RFC 8656 section 12.5: ChannelData over streams is padded to a multiple of 4 bytes; the length
 field does not count the padding.
 
-The first byte tells the two apart (RFC 7983 section 7): 0x00-0x3F is STUN, 0x40-0x4F is
-ChannelData (channel numbers 0x4000-0x4FFF). Anything else cannot start a frame on a TURN
-stream, so the stream is broken and :class:`FramingError` is raised.
+The first byte tells the two apart: 0x00-0x3F is STUN, 0x40-0x7F is ChannelData (channel
+numbers 0x4000-0x7FFF: RFC 8656 clients use 0x4000-0x4FFF, RFC 5766 clients such as coturn's
+tools the whole range). Anything else cannot start a frame on a TURN stream, so the stream is
+broken and :class:`FramingError` is raised.
 
 Work is linear in the bytes fed: each byte is copied into the buffer once and out once, and
 the consumed prefix is cut off once per :meth:`StreamFramer.feed` call.
@@ -56,7 +57,7 @@ class StreamFramer:
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             if first < 0x40:
                 size = total = 20 + length
-            elif first < 0x50:
+            elif first < 0x80:
                 size = 4 + length
                 total = (size + 3) & ~3
             else:

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stunturn.server import (  # noqa: E402
+    Action,
     AlternateAddresses,
     CoreConfig,
     SendTo,
@@ -280,10 +281,12 @@ class Target:
         self.check_actions(data, core.handle_stream_frame(data, local, remote, transport, now))
 
     @staticmethod
-    def check_actions(data: bytes, actions: list[SendTo]) -> None:
+    def check_actions(data: bytes, actions: list[Action]) -> None:
         if not isinstance(actions, list):
             raise AssertionError("core returned a non-list")
         for action in actions:
+            if not isinstance(action, SendTo):
+                raise AssertionError("a Binding-only core relayed something")
             response = decode(action.data)
             if response.cls not in (MessageClass.SUCCESS, MessageClass.ERROR):
                 raise AssertionError("core sent something that is not a response")

@@ -1,0 +1,233 @@
+"""TURN relay sockets: the peer-to-client hot path, ICMP errors, and the binder the core uses.
+
+A :class:`RelaySocket` is one UDP socket bound on the relay address of an allocation. Datagrams
+from peers are read in a drain loop; each is looked up in the allocation's tables, which the
+core keeps current (a channel for this peer address: ChannelData; a permission for this peer
+IP: a Data indication; neither: dropped), and sent to the client. No clock, no logging, no
+exception per datagram.
+
+ICMP errors (Linux ``IP_RECVERR``/``IPV6_RECVERR``) are read from the socket's error queue and
+reported to the client in a Data indication with an ICMP attribute when it has a permission for
+the peer (RFC 8656 section 11.4). What Linux reports this way: ICMP and ICMPv6 errors caused by
+datagrams the relay sent (port/host/network unreachable, administratively prohibited,
+fragmentation needed / packet too big with the MTU in the error data, TTL exceeded). What it
+does not: errors for datagrams sent from other sockets, ICMP that a firewall drops, and errors
+arriving after the relay socket is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from ..server.actions import Transport
+from ..server.keys import IPV6_KEY_BIT
+from ..turn.allocation import Allocation, FiveTuple
+from ..turn.wire import data_indication
+from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT
+
+if TYPE_CHECKING:
+    from .server import Worker
+
+# Linux constants the socket module does not export.
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2
+IP_RECVERR, IPV6_RECVERR = 11, 25
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT, IPV6_PMTUDISC_DO = 23, 0, 2
+MSG_ERRQUEUE = 0x2000
+SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6 = 2, 3
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+_U32 = struct.Struct("I")
+_CHANNEL = struct.Struct("!HH")
+RELAY_BATCH = 64
+
+
+class RelaySocket:
+    """One relay address of one allocation (implements ``stunturn.turn.RelayHandle``)."""
+
+    __slots__ = (
+        "address",
+        "allocation",
+        "client",
+        "client_sock",
+        "fd",
+        "sendto",
+        "sock",
+        "stream",
+        "v6",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket, five_tuple: FiveTuple) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.sendto = sock.sendto
+        self.fd = sock.fileno()
+        host, port = sock.getsockname()[:2]
+        self.address = (host, port)
+        self.v6 = sock.family == socket.AF_INET6
+        self.allocation: Allocation | None = None
+        transport, client, local = five_tuple
+        self.client = client
+        self.stream = transport is not Transport.UDP
+        listener = worker.udp.get(local)
+        self.client_sock = listener.sock if listener is not None and not self.stream else None
+
+    def send(self, data: bytes | memoryview, peer: tuple[str, int]) -> None:
+        """Relay data to a peer (a Send indication's DATA or a ChannelData payload)."""
+        try:
+            self.sendto(data, peer)
+        except OSError:
+            self.worker.core.counters.send_failed += 1
+
+    def to_client(self, frame: bytes) -> None:
+        """Send one message to the allocation's client over its transport."""
+        if self.client_sock is not None:
+            try:
+                self.client_sock.sendto(frame, self.client)
+            except OSError:
+                self.worker.core.counters.send_failed += 1
+        else:
+            self.worker.send_stream(self.allocation, frame)
+
+    def on_readable(self) -> None:
+        """Peer to client: ChannelData when the peer has a channel, Data indication when its
+        IP has a permission, nothing otherwise."""
+        io = self.worker.batch_io
+        alloc = self.allocation
+        if io is None or alloc is None:
+            self._read_plain(alloc)
+            return
+        fd = self.fd
+        rx, names, hdrs = io.rx, io.names, io.rxhdrs
+        unpack_u32 = _U32.unpack_from
+        from_bytes = int.from_bytes
+        channels = alloc.peer_channels
+        permissions = alloc.permissions
+        pack_channel = _CHANNEL.pack
+        to_client = self.to_client
+        stream = self.stream
+        for _ in range(RELAY_BATCH // io.batch + 1):
+            n = io.recv(fd)
+            if n == 0:
+                self._read_errors()
+                return
+            for i in range(n):
+                off = i * SLOT
+                size = unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]
+                noff = i * NAME
+                port = (names[noff + 2] << 8) | names[noff + 3]
+                if names[noff] == socket.AF_INET:
+                    ip = from_bytes(names[noff + 4 : noff + 8], "big")
+                else:
+                    ip = IPV6_KEY_BIT | from_bytes(names[noff + 8 : noff + 24], "big")
+                number = channels.get((ip << 16) | port)
+                if number is not None:
+                    frame = pack_channel(number, size) + rx[off : off + size]
+                    if stream and size & 3:
+                        frame += b"\x00" * (4 - (size & 3))
+                elif ip in permissions:
+                    frame = data_indication(io.address(i), bytes(rx[off : off + size]))
+                else:
+                    continue
+                alloc.bytes_to_client += size
+                alloc.packets_to_client += 1
+                to_client(frame)
+            if n < io.batch:
+                return
+
+    def _read_plain(self, alloc: Allocation | None) -> None:
+        """The same without batched I/O (or to drain a socket whose allocation is gone)."""
+        from ..server.keys import address_key  # noqa: PLC0415 - cold path
+
+        for _ in range(RELAY_BATCH):
+            try:
+                data, peer = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._read_errors()
+                continue
+            if alloc is None:
+                continue
+            peer = peer[:2]
+            key = address_key(peer)
+            number = alloc.peer_channels.get(key)
+            if number is not None:
+                frame = _CHANNEL.pack(number, len(data)) + data
+                if self.stream and len(data) & 3:
+                    frame += b"\x00" * (4 - (len(data) & 3))
+            elif key >> 16 in alloc.permissions:
+                frame = data_indication(peer, data)
+            else:
+                continue
+            alloc.bytes_to_client += len(data)
+            alloc.packets_to_client += 1
+            self.to_client(frame)
+
+    def _read_errors(self) -> None:
+        """Drain the ICMP error queue into Data indications with an ICMP attribute."""
+        turn = self.worker.core.turn
+        for _ in range(16):
+            try:
+                _, ancdata, _, peer = self.sock.recvmsg(1, 512, MSG_ERRQUEUE)
+            except OSError:
+                return
+            for level, kind, cdata in ancdata:
+                if (level, kind) not in (
+                    (socket.IPPROTO_IP, IP_RECVERR),
+                    (socket.IPPROTO_IPV6, IPV6_RECVERR),
+                ) or len(cdata) < _EXTENDED_ERR.size:
+                    continue
+                _, origin, icmp_type, icmp_code, _, info, _ = _EXTENDED_ERR.unpack_from(cdata)
+                if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6) or turn is None:
+                    continue
+                frame = turn.icmp_indication(self, peer[:2], icmp_type, icmp_code, info)
+                if frame is not None:
+                    self.to_client(frame)
+
+
+class UdpRelayBinder:
+    """Binds relay sockets for the core (implements ``stunturn.turn.RelayBinder``)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def bind(
+        self, host: str, port: int, five_tuple: FiveTuple, dont_fragment: bool
+    ) -> RelaySocket | None:
+        v6 = ":" in host
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+                sock.setsockopt(
+                    socket.IPPROTO_IPV6,
+                    IPV6_MTU_DISCOVER,
+                    IPV6_PMTUDISC_DO if dont_fragment else IPV6_PMTUDISC_DONT,
+                )
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+                # RFC 8656 section 14: DF on relayed datagrams only when the client asked with
+                # DONT-FRAGMENT; otherwise let them be fragmented rather than dropped.
+                sock.setsockopt(
+                    socket.IPPROTO_IP,
+                    IP_MTU_DISCOVER,
+                    IP_PMTUDISC_DO if dont_fragment else IP_PMTUDISC_DONT,
+                )
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return None
+        relay = RelaySocket(self.worker, sock, five_tuple)
+        self.worker.loop.add_reader(relay.fd, relay.on_readable)
+        return relay
+
+    def close(self, handle: object) -> None:
+        assert isinstance(handle, RelaySocket)
+        with contextlib.suppress(Exception):
+            self.worker.loop.remove_reader(handle.fd)
+        handle.sock.close()
