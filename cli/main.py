@@ -45,7 +45,7 @@ SERVER_OPTIONS = (
     ("--listen", {"multiple": True, "metavar": "HOST:PORT",
                   "help": "UDP and TCP address (repeatable). Default 0.0.0.0:3478, [::]:3478."}),
     ("--tls-listen", {"multiple": True, "metavar": "HOST:PORT",
-                      "help": "TLS address (repeatable), e.g. 0.0.0.0:5349 or :443."}),
+                      "help": "TLS address (repeatable), e.g. 0.0.0.0:5349 or 0.0.0.0:443."}),
     ("--cert", {"type": click.Path(dir_okay=False), "help": "TLS certificate chain (PEM)."}),
     ("--key", {"type": click.Path(dir_okay=False), "help": "TLS private key (PEM)."}),
     ("--alt-address", {"metavar": "IP",

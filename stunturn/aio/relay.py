@@ -131,6 +131,8 @@ class RelaySocket:
                     frame = data_indication(io.address(i), bytes(rx[off : off + size]))
                 else:
                     continue
+                if alloc.max_bps and not alloc.within_rate(size, True, self.worker.loop.time()):
+                    continue
                 alloc.bytes_to_client += size
                 alloc.packets_to_client += 1
                 to_client(frame)
@@ -161,6 +163,8 @@ class RelaySocket:
             elif key >> 16 in alloc.permissions:
                 frame = data_indication(peer, data)
             else:
+                continue
+            if alloc.max_bps and not alloc.within_rate(len(data), True, self.worker.loop.time()):
                 continue
             alloc.bytes_to_client += len(data)
             alloc.packets_to_client += 1

@@ -179,7 +179,7 @@ class UdpListener:
             if len(data) >= 4 and 0x40 <= data[0] < 0x80:
                 route = routes.get((address_key(addr) << 16) | (data[0] << 8) | data[1])
                 if route is not None:
-                    relay_channel_data(route, data)
+                    relay_channel_data(route, data, now)
                     continue
             elif not v6:
                 response = fast(data, local, key(addr[0]), addr[1], now)
@@ -227,7 +227,7 @@ class UdpListener:
                     port = (names[noff + 2] << 8) | names[noff + 3]
                     route = routes.get((((ip << 16) | port) << 16) | (first << 8) | data[1])
                     if route is not None:
-                        relay_channel_data(route, data)
+                        relay_channel_data(route, data, now)
                         continue
                 elif names[noff] == socket.AF_INET:
                     response = fast(
@@ -253,12 +253,14 @@ class UdpListener:
         self.worker.rearm()
 
 
-def relay_channel_data(route: ChannelRoute, data: bytes | memoryview) -> None:
+def relay_channel_data(route: ChannelRoute, data: bytes | memoryview, now: float) -> None:
     """Client to peer: forward a ChannelData payload from the allocation's relay socket."""
     length = (data[2] << 8) | data[3]
     if length > len(data) - 4:
         return  # truncated: dropped (RFC 8656 section 12.5)
     alloc = route.allocation
+    if alloc.max_bps and not alloc.within_rate(length, False, now):
+        return
     alloc.bytes_to_peer += length
     alloc.packets_to_peer += 1
     try:  # noqa: SIM105 - try/except costs less than contextlib.suppress per datagram

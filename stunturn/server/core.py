@@ -105,7 +105,7 @@ class ServerCore:
                 return [SendTo(fast, local, remote)] if fast else []
         self.counters.received += 1
         if data and 0x40 <= data[0] < 0x80:
-            return self._channel_data(data, Transport.UDP, local, remote)
+            return self._channel_data(data, Transport.UDP, local, remote, now)
         return self._handle_stun(data, local, remote, Transport.UDP, now)
 
     def handle_stream_frame(
@@ -114,7 +114,7 @@ class ServerCore:
         """A complete frame (from :class:`StreamFramer`) arrived on a TCP or TLS connection."""
         self.counters.received += 1
         if frame and 0x40 <= frame[0] < 0x80:
-            return self._channel_data(frame, transport, local, remote)
+            return self._channel_data(frame, transport, local, remote, now)
         return self._handle_stun(frame, local, remote, transport, now)
 
     def count_malformed(self) -> None:
@@ -134,7 +134,7 @@ class ServerCore:
     # --- dispatch ---------------------------------------------------------------------------
 
     def _channel_data(
-        self, data: bytes, transport: Transport, local: Address, remote: Address
+        self, data: bytes, transport: Transport, local: Address, remote: Address, now: float
     ) -> list[Action]:
         """ChannelData that missed the I/O layer's fast path (or came over a stream)."""
         turn = self.turn
@@ -149,6 +149,8 @@ class ServerCore:
             return []
         payload = data[4 : 4 + length]
         alloc = route.allocation
+        if alloc.max_bps and not alloc.within_rate(length, False, now):
+            return []
         alloc.bytes_to_peer += length
         alloc.packets_to_peer += 1
         return [RelayTo(route.relay, payload, route.peer)]
@@ -168,7 +170,7 @@ class ServerCore:
             return []
         if msg.cls is MessageClass.INDICATION:
             if msg.method == Method.SEND and self.turn is not None:
-                return list(self.turn.handle_send(msg, (transport, remote, local)))
+                return list(self.turn.handle_send(msg, (transport, remote, local), now))
             counters.ignored += 1
             return []
         if msg.cls is not MessageClass.REQUEST:

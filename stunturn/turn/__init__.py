@@ -14,7 +14,7 @@ from .auth import AuthResult, LongTermAuth
 from .policy import Decision, PeerPolicy, parse_networks
 from .ports import PortPool
 from .quota import LocalQuotas, QuotaLimits, Quotas
-from .service import Deleted, TurnConfig, TurnService
+from .service import TurnConfig, TurnService
 from .wire import channel_data, data_indication
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "Channel",
     "ChannelRoute",
     "Decision",
-    "Deleted",
     "FiveTuple",
     "LocalQuotas",
     "LongTermAuth",

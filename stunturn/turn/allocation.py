@@ -99,7 +99,9 @@ class Allocation:
     bytes_to_client: int = 0
     packets_to_client: int = 0
     max_bps: int = 0
-    """Bytes per second allowed each way (0: unlimited); enforced by the I/O layer's budget."""
+    """Bytes per second allowed each way (0: unlimited); see :meth:`within_rate`."""
+    _tokens: list[float] = field(default_factory=lambda: [0.0, 0.0, -1.0])
+    """Token buckets for ``max_bps``: [to peer, to client, last refill time]."""
 
     @property
     def client(self) -> Address:
@@ -120,3 +122,24 @@ class Allocation:
 
     def permitted(self, peer_host: str) -> bool:
         return ip_key(peer_host) in self.permissions
+
+    def within_rate(self, nbytes: int, to_client: bool, now: float) -> bool:
+        """Spend ``nbytes`` of the ``max_bps`` budget in one direction; False: drop the datagram.
+
+        A token bucket per direction holding at most one second of traffic. Only called by the
+        I/O layer when ``max_bps`` is set, so unlimited allocations pay nothing for it.
+        """
+        tokens = self._tokens
+        rate = float(self.max_bps)
+        if tokens[2] < 0:
+            tokens[0] = tokens[1] = rate
+        else:
+            gained = (now - tokens[2]) * rate
+            tokens[0] = min(rate, tokens[0] + gained)
+            tokens[1] = min(rate, tokens[1] + gained)
+        tokens[2] = now
+        side = 1 if to_client else 0
+        if tokens[side] < nbytes:
+            return False
+        tokens[side] -= nbytes
+        return True

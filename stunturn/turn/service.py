@@ -87,14 +87,6 @@ class TurnConfig:
         return next((ip for ip in self.relay_ips if (":" in ip) == v6), None)
 
 
-@dataclass(frozen=True, slots=True)
-class Deleted:
-    """An allocation ended (expired, refreshed to 0, or closed); for logs and metrics."""
-
-    allocation: Allocation
-    reason: str
-
-
 def _family_of(host: str) -> int:
     return FAMILY_IPV6 if ":" in host else FAMILY_IPV4
 
@@ -122,8 +114,6 @@ class TurnService:
         """(transport, server address) -> {address_key(client) << 16 | channel: route}."""
         self.clock_offset = 0.0
         """Unix time minus ``now``: REST credentials carry Unix expiry times."""
-        self.deleted: list[Deleted] = []
-        """Allocations that ended since the I/O layer last emptied this list."""
         self._timers: list[tuple[float, int, str, Allocation, int]] = []
         self._seq = itertools.count()
         self._ids = itertools.count(1)
@@ -162,7 +152,7 @@ class TurnService:
             exc.key, exc.sha256 = auth.key, auth.sha256
             raise
 
-    def handle_send(self, msg: Message, five_tuple: FiveTuple) -> list[RelayTo]:
+    def handle_send(self, msg: Message, five_tuple: FiveTuple, now: float) -> list[RelayTo]:
         """A Send indication: relay its DATA to its peer, or drop it silently (section 10.2)."""
         alloc = self.allocations.get(five_tuple)
         peer_attr = msg.get(XorPeerAddress)
@@ -173,6 +163,8 @@ class TurnService:
         if relay is None or not alloc.permitted(peer_attr.host):
             return []
         if not self.policy.allowed(peer_attr.host, peer_attr.port):
+            return []
+        if alloc.max_bps and not alloc.within_rate(len(data.value), False, now):
             return []
         alloc.bytes_to_peer += len(data.value)
         alloc.packets_to_peer += 1
@@ -547,7 +539,6 @@ class TurnService:
             self._close_relay(relay)
         self.quotas.release(alloc.username, alloc.client_ip)
         alloc.cooldown.clear()
-        self.deleted.append(Deleted(alloc, reason))
         log.info(
             "allocation ended",
             extra={
@@ -589,7 +580,6 @@ _NO_ALLOC: Allocation = _NoAllocation()  # type: ignore[assignment]
 __all__ = [
     "CHANNEL_MAX",
     "CHANNEL_MIN",
-    "Deleted",
     "RelayTo",
     "TurnConfig",
     "TurnService",
