@@ -67,21 +67,26 @@ class LongTermAuth:
         self.credentials = credentials
         self.nonces = nonces
 
-    def challenge(self, client: Address, now: float, code: int = 401) -> StunError:
-        """The 401 (or 438) that tells a client which realm, nonce and algorithms to use."""
+    def challenge(
+        self, client: Address, now: float, code: int = 401, detail: str = ""
+    ) -> StunError:
+        """The 401 (or 438) that tells a client which realm, nonce and algorithms to use.
+
+        ``detail`` only goes to the debug log; every 401 looks the same on the wire.
+        """
         attrs: tuple[Attribute, ...] = (
             Realm(self.realm),
             Nonce(self.nonces.issue(client, now)),
             OFFERED,
         )
-        return StunError(code, attrs)
+        return StunError(code, attrs, detail)
 
     def authenticate(self, msg: Message, client: Address, now: float) -> AuthResult:
         """Check a request; returns the result or raises :class:`StunError`."""
         mi256 = msg.get(MessageIntegritySha256)
         mi = msg.get(MessageIntegrity)
         if mi is None and mi256 is None:
-            raise self.challenge(client, now)
+            raise self.challenge(client, now, detail="challenge (no MESSAGE-INTEGRITY)")
         username_attr = msg.get(Username)
         userhash_attr = msg.get(Userhash)
         realm_attr = msg.get(Realm)
@@ -90,7 +95,7 @@ class LongTermAuth:
             raise StunError(400)
         assert realm_attr is not None and nonce_attr is not None
         if not self.nonces.valid(nonce_attr.value, client, now):
-            raise self.challenge(client, now, 438)
+            raise self.challenge(client, now, 438, "stale or foreign nonce")
         algorithm = self._algorithm(msg, nonce_attr.value)
         if username_attr is not None:
             username = username_attr.value
@@ -98,10 +103,10 @@ class LongTermAuth:
             assert userhash_attr is not None
             found = self.credentials.username_for_hash(userhash_attr.value, self.realm)
             if found is None:
-                raise self.challenge(client, now)
+                raise self.challenge(client, now, detail="unknown USERHASH")
             username = found
         if realm_attr.value != self.realm:
-            raise self.challenge(client, now)
+            raise self.challenge(client, now, detail=f"wrong realm {realm_attr.value!r}")
         # HMAC-SHA256 when the client sent MI-SHA256, else HMAC-SHA1; the key's hash is the
         # negotiated password algorithm (MD5 unless PASSWORD-ALGORITHM says SHA-256).
         use_sha256 = mi256 is not None
@@ -115,7 +120,7 @@ class LongTermAuth:
                 return AuthResult(
                     username, candidate.key, use_sha256, candidate.expires, candidate.source
                 )
-        raise self.challenge(client, now)
+        raise self.challenge(client, now, detail=f"bad credentials for user {username!r}")
 
     def _algorithm(self, msg: Message, nonce: str) -> int:
         """RFC 8489 section 9.2.4, when the nonce cookie announced password algorithms."""

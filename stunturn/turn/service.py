@@ -211,7 +211,7 @@ class TurnService:
         if token is None and self.config.relay_ip(family) is None:
             raise StunError(440)
         if self._credential_expired(auth, now):
-            raise self.auth.challenge(five_tuple[1], now)
+            raise self.auth.challenge(five_tuple[1], now, detail="REST credential expired")
         client_ip = five_tuple[1][0]
         if not self.quotas.acquire(auth.username, client_ip):
             raise StunError(486)
@@ -370,7 +370,7 @@ class TurnService:
                 self._close_relay(relay)
                 return self._lifetime_response(msg, int(alloc.expires - now))
         if self._credential_expired(auth, now):
-            raise self.auth.challenge(alloc.client, now)
+            raise self.auth.challenge(alloc.client, now, detail="REST credential expired")
         if zero:
             self.delete(alloc, "refreshed to 0")
             return self._lifetime_response(msg, 0)
