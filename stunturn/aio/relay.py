@@ -2,8 +2,8 @@
 
 A :class:`RelaySocket` is one UDP socket bound on the relay address of an allocation. Datagrams
 from peers are read in a drain loop; each is looked up in the allocation's tables, which the
-core keeps current (a channel for this peer address: ChannelData; a permission for this peer
-IP: a Data indication; neither: dropped), and sent to the client. No clock, no logging, no
+core keeps current (no permission for the peer's IP: dropped; a channel for this peer
+address: ChannelData; else a Data indication), and sent to the client. No clock, no logging, no
 exception per datagram.
 
 ICMP errors (Linux ``IP_RECVERR``/``IPV6_RECVERR``) are read from the socket's error queue and
@@ -122,15 +122,15 @@ class RelaySocket:
                     ip = from_bytes(names[noff + 4 : noff + 8], "big")
                 else:
                     ip = IPV6_KEY_BIT | from_bytes(names[noff + 8 : noff + 24], "big")
+                if ip not in permissions:
+                    continue  # RFC 8656 section 11.3: no permission, no delivery
                 number = channels.get((ip << 16) | port)
                 if number is not None:
                     frame = pack_channel(number, size) + rx[off : off + size]
                     if stream and size & 3:
                         frame += b"\x00" * (4 - (size & 3))
-                elif ip in permissions:
-                    frame = data_indication(io.address(i), bytes(rx[off : off + size]))
                 else:
-                    continue
+                    frame = data_indication(io.address(i), bytes(rx[off : off + size]))
                 if alloc.max_bps and not alloc.within_rate(size, True, self.worker.loop.time()):
                     continue
                 alloc.bytes_to_client += size
@@ -155,15 +155,15 @@ class RelaySocket:
                 continue
             peer = peer[:2]
             key = address_key(peer)
+            if key >> 16 not in alloc.permissions:
+                continue
             number = alloc.peer_channels.get(key)
             if number is not None:
                 frame = _CHANNEL.pack(number, len(data)) + data
                 if self.stream and len(data) & 3:
                     frame += b"\x00" * (4 - (len(data) & 3))
-            elif key >> 16 in alloc.permissions:
-                frame = data_indication(peer, data)
             else:
-                continue
+                frame = data_indication(peer, data)
             if alloc.max_bps and not alloc.within_rate(len(data), True, self.worker.loop.time()):
                 continue
             alloc.bytes_to_client += len(data)

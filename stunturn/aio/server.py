@@ -259,6 +259,8 @@ def relay_channel_data(route: ChannelRoute, data: bytes | memoryview, now: float
     if length > len(data) - 4:
         return  # truncated: dropped (RFC 8656 section 12.5)
     alloc = route.allocation
+    if route.peer_ip not in alloc.permissions:
+        return  # RFC 8656 section 12: relayed only while the peer has a permission
     if alloc.max_bps and not alloc.within_rate(length, False, now):
         return
     alloc.bytes_to_peer += length

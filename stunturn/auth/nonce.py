@@ -70,7 +70,8 @@ class NonceManager:
         if not nonce.startswith(COOKIE):
             return False
         try:
-            raw = base64.urlsafe_b64decode(nonce[len(COOKIE) :].encode())
+            token = nonce[len(COOKIE) :].encode()
+            raw = base64.b64decode(token, altchars=b"-_", validate=True)
         except ValueError:
             return False
         if len(raw) != _EXPIRY.size + _MAC_BYTES:

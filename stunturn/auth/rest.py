@@ -29,7 +29,7 @@ def rest_username(user: str, expiry: int) -> str:
 def rest_expiry(username: str) -> int | None:
     """The expiry timestamp of a REST username, or None if it is not one."""
     head, sep, _ = username.partition(":")
-    if not sep or not head.isdigit() or len(head) > 12:
+    if not sep or not (head.isascii() and head.isdigit()) or len(head) > 12:
         return None
     return int(head)
 

@@ -130,12 +130,13 @@ class SqliteUsers:
             raise FileNotFoundError(f"no user database at {self.path}")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Create the file 0600 before SQLite opens it: SQLite gives its -wal and -shm files
+            # the database file's mode, and they hold keys too.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=2000")
         self._db.executescript(SCHEMA)
-        if create:
-            os.chmod(self.path, 0o600)
 
     def close(self) -> None:
         self._db.close()

@@ -149,6 +149,9 @@ class ServerCore:
             return []
         payload = data[4 : 4 + length]
         alloc = route.allocation
+        if route.peer_ip not in alloc.permissions:
+            self.counters.ignored += 1
+            return []
         if alloc.max_bps and not alloc.within_rate(length, False, now):
             return []
         alloc.bytes_to_peer += length

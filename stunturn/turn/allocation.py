@@ -65,6 +65,8 @@ class ChannelRoute:
 
     relay: RelayHandle
     peer: Address
+    peer_ip: int
+    """ip_key of the peer: ChannelData is relayed only while its permission lasts."""
     allocation: Allocation
 
 
@@ -130,13 +132,15 @@ class Allocation:
         I/O layer when ``max_bps`` is set, so unlimited allocations pay nothing for it.
         """
         tokens = self._tokens
+        # The bucket holds a second of traffic, and at least one largest datagram.
         rate = float(self.max_bps)
+        capacity = max(rate, 65536.0)
         if tokens[2] < 0:
-            tokens[0] = tokens[1] = rate
+            tokens[0] = tokens[1] = capacity
         else:
             gained = (now - tokens[2]) * rate
-            tokens[0] = min(rate, tokens[0] + gained)
-            tokens[1] = min(rate, tokens[1] + gained)
+            tokens[0] = min(capacity, tokens[0] + gained)
+            tokens[1] = min(capacity, tokens[1] + gained)
         tokens[2] = now
         side = 1 if to_client else 0
         if tokens[side] < nbytes:

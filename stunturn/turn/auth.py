@@ -5,10 +5,10 @@ the error response must carry, and nothing more: no SOFTWARE, no hint whether th
 
 1. No MESSAGE-INTEGRITY(-SHA256): 401 with REALM, NONCE, PASSWORD-ALGORITHMS.
 2. Integrity present but USERNAME/USERHASH, REALM or NONCE missing: 400.
-3. NONCE not one we issued to this client, or expired: 438 with a fresh NONCE (a nonce from
+3. PASSWORD-ALGORITHM(S) inconsistent with what we offered: 400.
+4. Unknown user, or integrity that verifies with none of the candidate keys: 401.
+5. NONCE not one we issued to this client, or expired: 438 with a fresh NONCE (a nonce from
    before a restart, or from another address, is treated as stale, so clients just retry).
-4. PASSWORD-ALGORITHM(S) inconsistent with what we offered: 400.
-5. Unknown user, or integrity that verifies with none of the candidate keys: 401.
 
 SHA-1-only clients (RFC 5389: browsers, coturn's tools, aioice) send neither password attribute
 and use MESSAGE-INTEGRITY with the MD5 key; RFC 8489 clients see the nonce cookie, pick SHA-256
@@ -53,7 +53,8 @@ class AuthResult:
     username: str
     key: bytes
     sha256: bool
-    """The client used MESSAGE-INTEGRITY-SHA256; answer with it (else MESSAGE-INTEGRITY)."""
+    """Answer with MESSAGE-INTEGRITY-SHA256 (the client negotiated a password algorithm), else
+    with MESSAGE-INTEGRITY."""
     expires: int | None = None
     """Unix time after which this credential may no longer Allocate or Refresh (REST)."""
     source: str = ""
@@ -92,11 +93,9 @@ class LongTermAuth:
         realm_attr = msg.get(Realm)
         nonce_attr = msg.get(Nonce)
         if (username_attr is None and userhash_attr is None) or None in (realm_attr, nonce_attr):
-            raise StunError(400)
+            raise StunError(400, detail="USERNAME/USERHASH, REALM or NONCE missing")
         assert realm_attr is not None and nonce_attr is not None
-        if not self.nonces.valid(nonce_attr.value, client, now):
-            raise self.challenge(client, now, 438, "stale or foreign nonce")
-        algorithm = self._algorithm(msg, nonce_attr.value)
+        algorithm, negotiated = self._algorithm(msg, nonce_attr.value)
         if username_attr is not None:
             username = username_attr.value
         else:
@@ -107,31 +106,39 @@ class LongTermAuth:
             username = found
         if realm_attr.value != self.realm:
             raise self.challenge(client, now, detail=f"wrong realm {realm_attr.value!r}")
-        # HMAC-SHA256 when the client sent MI-SHA256, else HMAC-SHA1; the key's hash is the
-        # negotiated password algorithm (MD5 unless PASSWORD-ALGORITHM says SHA-256).
-        use_sha256 = mi256 is not None
+        # Verify MI-SHA256 when the client sent it, else MI; the key's hash is the negotiated
+        # password algorithm (MD5 unless PASSWORD-ALGORITHM says SHA-256).
         for candidate in self.credentials.keys(username, self.realm, algorithm):
             ok = (
                 check_integrity_sha256(msg, candidate.key)
-                if use_sha256
+                if mi256 is not None
                 else check_integrity(msg, candidate.key)
             )
             if ok:
-                return AuthResult(
-                    username, candidate.key, use_sha256, candidate.expires, candidate.source
-                )
-        raise self.challenge(client, now, detail=f"bad credentials for user {username!r}")
+                break
+        else:
+            raise self.challenge(client, now, detail=f"bad credentials for user {username!r}")
+        # 9.2.4 checks the nonce last: a stale nonce with good credentials gets 438, so the
+        # client retries with the fresh one at once.
+        if not self.nonces.valid(nonce_attr.value, client, now):
+            raise self.challenge(client, now, 438, "stale or foreign nonce")
+        # 9.2.4: responses carry MI-SHA256 unless the request was processed as MD5 (neither
+        # password attribute present), then MI.
+        return AuthResult(username, candidate.key, negotiated, candidate.expires, candidate.source)
 
-    def _algorithm(self, msg: Message, nonce: str) -> int:
-        """RFC 8489 section 9.2.4, when the nonce cookie announced password algorithms."""
+    def _algorithm(self, msg: Message, nonce: str) -> tuple[int, bool]:
+        """RFC 8489 section 9.2.4 password algorithm checks.
+
+        Returns the algorithm and whether it was negotiated (the attributes were present).
+        """
         offered = msg.get(PasswordAlgorithms)
         chosen = msg.get(PasswordAlgorithm)
         if offered is None and chosen is None:
-            return PASSWORD_ALGORITHM_MD5
+            return PASSWORD_ALGORITHM_MD5, False
         if not nonce.startswith(COOKIE) or offered is None or chosen is None:
-            raise StunError(400)
+            raise StunError(400, detail="incomplete password algorithm negotiation")
         if offered != OFFERED:
-            raise StunError(400)
+            raise StunError(400, detail="PASSWORD-ALGORITHMS differs from what we offered")
         if (chosen.algorithm, chosen.params) not in OFFERED.algorithms:
-            raise StunError(400)
-        return chosen.algorithm
+            raise StunError(400, detail="PASSWORD-ALGORITHM not among those offered")
+        return chosen.algorithm, True

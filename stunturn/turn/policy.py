@@ -52,6 +52,8 @@ SPECIAL_V6: tuple[tuple[str, str], ...] = (
     ("100::/64", "discard-only"),
     ("2001::/23", "IETF protocol assignments"),
     ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation (RFC 9637)"),
+    ("5f00::/16", "SRv6 SIDs (RFC 9602)"),
     ("fc00::/7", "unique-local"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local (deprecated)"),
@@ -180,7 +182,8 @@ class PeerPolicy:
                     decision = self._judge(v4, port, f"{form} {ip.compressed}")
                     if not decision.allowed:
                         return decision
-                return Decision(True, f"public IPv4 {addresses[-1]} inside {form}")
+                shown = ", ".join(str(a) for a in dict.fromkeys(addresses))
+                return Decision(True, f"embedded IPv4 {shown} allowed ({form})")
         for net, rule in self._special:
             if ip.version == net.version and ip in net:
                 return Decision(False, rule + suffix)

@@ -6,7 +6,8 @@ to worker ``(p // 2) % workers``), so workers never race for a port and a port r
 worker is never handed out by another.
 
 A RESERVATION-TOKEN is self-validating so that any worker can redeem it: 2 bytes of port,
-2 bytes of expiry (seconds, modulo 2**16) and 4 bytes of HMAC over both and the relay IP.
+3 bytes of expiry (whole seconds, modulo 2**24: a token cannot come back to life for 194 days)
+and 3 bytes of HMAC over both and the relay IP (guessing one only wins a reserved port).
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-import struct
 from collections.abc import Iterator
 
 RESERVATION_LIFETIME = 30.0
 """RFC 8656 section 7.2: a reserved port is kept for about 30 seconds."""
-
-_TOKEN = struct.Struct("!HH")
 
 
 class PortPool:
@@ -81,7 +79,7 @@ class PortPool:
         expiry = now + RESERVATION_LIFETIME
         self.take(ip, port)
         self._reserved[(ip, port)] = expiry
-        head = _TOKEN.pack(port, int(expiry) & 0xFFFF)
+        head = port.to_bytes(2, "big") + (int(expiry) & 0xFFFFFF).to_bytes(3, "big")
         return head + self._mac(ip, head)
 
     def redeem(self, token: bytes, ip: str, now: float) -> int | None:
@@ -91,11 +89,12 @@ class PortPool:
         A token minted by another worker validates too (same secret); that worker keeps the
         port out of its own allocations until the reservation lapses.
         """
-        if len(token) != 8 or not hmac.compare_digest(token[4:], self._mac(ip, token[:4])):
+        if len(token) != 8 or not hmac.compare_digest(token[5:], self._mac(ip, token[:5])):
             return None
-        port, expiry16 = _TOKEN.unpack(token[:4])
-        if (expiry16 - int(now)) & 0xFFFF > RESERVATION_LIFETIME + 1:
-            return None
+        port = int.from_bytes(token[:2], "big")
+        expiry = int.from_bytes(token[2:5], "big")
+        if (expiry - int(now)) & 0xFFFFFF > RESERVATION_LIFETIME + 1:
+            return None  # expired (modulo 2**24, an expired token reads as far in the future)
         if (ip, port) in self._reserved:
             del self._reserved[(ip, port)]
             self.release(ip, port)
@@ -113,4 +112,4 @@ class PortPool:
         return min(self._reserved.values(), default=None)
 
     def _mac(self, ip: str, head: bytes) -> bytes:
-        return hmac.new(self._secret, head + ip.encode(), hashlib.sha256).digest()[:4]
+        return hmac.new(self._secret, head + ip.encode(), hashlib.sha256).digest()[:3]

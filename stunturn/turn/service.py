@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..server.actions import RelayTo, Transport
 from ..server.errors import StunError
-from ..server.keys import address_key, ip_key
+from ..server.keys import IPV6_KEY_BIT, address_key, ip_key
 from ..stun import (
     FAMILY_IPV4,
     FAMILY_IPV6,
@@ -365,19 +365,28 @@ class TurnService:
             if relay is None:
                 raise StunError(443)
             if zero and len(alloc.relays) > 1:
-                # Dual allocation: delete only the family asked for.
-                alloc.relays.remove(relay)
-                self._close_relay(relay)
+                # Dual allocation: delete only the family asked for, with its peers' state.
+                self._drop_family(alloc, relay, now)
                 return self._lifetime_response(msg, int(alloc.expires - now))
-        if self._credential_expired(auth, now):
-            raise self.auth.challenge(alloc.client, now, detail="REST credential expired")
         if zero:
             self.delete(alloc, "refreshed to 0")
             return self._lifetime_response(msg, 0)
+        # Expired REST credentials may still delete (above), not extend.
+        if self._credential_expired(auth, now):
+            raise self.auth.challenge(alloc.client, now, detail="REST credential expired")
         lifetime = self._lifetime(msg)
         alloc.expires = now + lifetime
         self._schedule(alloc.expires, "allocation", alloc, 0)
         return self._lifetime_response(msg, lifetime)
+
+    def _drop_family(self, alloc: Allocation, relay: RelayHandle, now: float) -> None:
+        v6 = ":" in relay.address[0]
+        for channel in [c for c in alloc.channels.values() if (":" in c.peer[0]) == v6]:
+            self._unbind(alloc, channel, now)
+        for key in [k for k in alloc.permissions if (k >= IPV6_KEY_BIT) == v6]:
+            del alloc.permissions[key]
+        alloc.relays.remove(relay)
+        self._close_relay(relay)
 
     @staticmethod
     def _lifetime_response(msg: Message, lifetime: int) -> Message:
@@ -400,7 +409,7 @@ class TurnService:
             keys.append(ip_key(peer.host))
         limit = self.config.limits.permissions
         if limit and len(alloc.permissions.keys() | set(keys)) > limit:
-            raise StunError(508)
+            raise StunError(508, detail="permission quota reached")
         # All or nothing: every peer was checked before any permission is installed.
         expires = now + self.config.permission_lifetime
         for key in keys:
@@ -439,15 +448,18 @@ class TurnService:
                     raise StunError(400, detail="number or peer cooling down with another")
             limit = self.config.limits.channels
             if limit and len(alloc.channels) >= limit:
-                raise StunError(508)
+                raise StunError(508, detail="channel quota reached")
+            limit = self.config.limits.permissions
+            peer_ip = ip_key(peer_attr.host)
+            if limit and peer_ip not in alloc.permissions and len(alloc.permissions) >= limit:
+                raise StunError(508, detail="permission quota reached")
             bound = Channel(number, peer, 0.0)
             alloc.channels[number] = bound
             alloc.peer_channels[peer_key] = number
             alloc.cooldown.pop(number, None)
             transport, client, local = alloc.five_tuple
-            self.route_table(transport, local)[(address_key(client) << 16) | number] = ChannelRoute(
-                relay, peer, alloc
-            )
+            route = ChannelRoute(relay, peer, ip_key(peer[0]), alloc)
+            self.route_table(transport, local)[(address_key(client) << 16) | number] = route
         bound.expires = now + self.config.channel_lifetime
         self._schedule(bound.expires, "channel", alloc, number)
         # 11.2: a ChannelBind also installs or refreshes the permission for the peer's IP.
@@ -502,6 +514,7 @@ class TurnService:
             if kind == "reservation":
                 for host, port in self.ports.expire(now):
                     log.debug("reservation of %s:%d lapsed", host, port)
+                self._schedule_reservations()
                 continue
             if self.allocations.get(alloc.five_tuple) is not alloc:
                 continue  # deleted already
