@@ -1,0 +1,1 @@
+"""A real-NAT lab for the tests: network namespaces, veth pairs and nftables (see README.md)."""
