@@ -276,13 +276,19 @@ def credentials(secret: str, user: str, ttl: int, algorithm: str, urls: tuple[st
 )))  # fmt: skip
 def check_peer(address: str, config_file: str | None, **options: Any) -> None:
     """Say whether the peer policy lets a TURN client reach ADDRESS (IP or IP:PORT)."""
-    host, port = address, None
+    host, port_text = address, ""
     if address.startswith("["):
         host, _, rest = address[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        if rest and not rest.startswith(":"):
+            _fail(f"address: expected [IPv6]:PORT, got {address!r}")
+        port_text = rest[1:]
     elif address.count(":") == 1:
         host, _, port_text = address.partition(":")
-        port = int(port_text) if port_text.isdigit() else None
+    port = None
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
+            _fail(f"address: port must be 0-65535, got {port_text!r}")
+        port = int(port_text)
     try:
         layers, given = _load(config_file, options)
         config = prepare(build_config(*layers, given, {"user": ["check:peer"]}))

@@ -53,17 +53,17 @@ def test_installed_entry_point() -> None:
     assert result.returncode == 0 and "--alt-address" in result.stdout
 
 
-def test_natprobe_not_built_yet() -> None:
-    """The natprobe command refuses honestly: non-zero exit, says it is not built yet."""
+def test_natprobe_is_installed_with_help() -> None:
+    """The natprobe console script is installed and explains itself (its behaviour is tested
+    in tests/test_natprobe_cli.py)."""
     script = BIN / "natprobe"
     if script.exists():
-        cmd = [str(script)]
+        cmd = [str(script), "--help"]
     else:
-        cmd = [sys.executable, "-c", "from stunturn_cli.natprobe import main; main()"]
+        cmd = [sys.executable, "-c", "from stunturn_cli.natprobe import main; main()", "--help"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode != 0
-    assert "not built yet" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 0
+    assert "RFC 5780" in result.stdout
 
 
 # --- refusals ------------------------------------------------------------------------------------

@@ -73,3 +73,16 @@ def test_only_cli_imports_click() -> None:
     """The library never imports click."""
     for path in sorted((ROOT / "stunturn").rglob("*.py")):
         assert "click" not in {n.split(".")[0] for n in _imports(path)}, path
+
+
+def test_every_package_is_in_the_wheel() -> None:
+    """pyproject.toml lists every package under stunturn/ (a missing one breaks `pip install .`)."""
+    import tomllib  # noqa: PLC0415
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stunturn").rglob("__init__.py")
+    }
+    assert found <= listed, f"missing from pyproject.toml: {sorted(found - listed)}"

@@ -1076,3 +1076,18 @@ def test_malformed_input_is_counted_and_dropped() -> None:
     for junk in (b"\x00\x03\x00\x04" + b"\x21\x12\xa4\x42" + b"x" * 12, b"\x00", b"\xff" * 30):
         assert client.send(junk) == []
     assert server.core.counters.malformed == 3
+
+
+def test_even_port_reservation_skips_a_pair_whose_second_port_is_taken() -> None:
+    """EVEN-PORT with R: a pair whose port+1 another program holds is never chosen, so the
+    token can be redeemed (the pool only reserves; the binder proves port+1 free first)."""
+    server = make_server()
+    host = server.turn.config.relay_ips[0]
+    low, high = server.turn.config.relay_ports
+    odd = [p for p in range(low, high + 1) if p % 2]
+    server.binder.take(host, odd[: len(odd) // 2])  # half the pairs are unusable
+    client = server.client()
+    response = client.allocate(RequestedTransport(17), EvenPort(True))
+    relay = response.get(XorRelayedAddress)
+    assert relay is not None and relay.port % 2 == 0
+    assert (host, relay.port + 1) not in server.binder.taken

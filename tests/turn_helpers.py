@@ -138,6 +138,9 @@ class FakeBinder:
         self.bound[(host, port)] = relay
         return relay
 
+    def available(self, host: str, port: int) -> bool:
+        return (host, port) not in self.taken and (host, port) not in self.bound
+
     def close(self, handle: RelayHandle) -> None:
         relay = self.bound.pop(handle.address)
         relay.closed = True

@@ -230,6 +230,17 @@ class UdpRelayBinder:
         self.worker.loop.add_reader(relay.fd, relay.on_readable)
         return relay
 
+    def available(self, host: str, port: int) -> bool:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return False
+        return True
+
     def close(self, handle: object) -> None:
         assert isinstance(handle, RelaySocket)
         with contextlib.suppress(Exception):

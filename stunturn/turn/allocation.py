@@ -49,6 +49,10 @@ class RelayBinder(Protocol):
         """Release a relay socket."""
         ...
 
+    def available(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` could be bound right now (for EVEN-PORT reservations)."""
+        ...
+
 
 @dataclass(slots=True, eq=False)
 class Channel:

@@ -317,6 +317,8 @@ class TurnService:
         now: float,
     ) -> tuple[RelayHandle | None, bytes | None]:
         for port in self.ports.candidates(host, even=even, pair=reserve):
+            if reserve and not self.binder.available(host, port + 1):
+                continue  # port+1 is taken outside our pool: the token could never be redeemed
             relay = self.binder.bind(host, port, five_tuple, dont_fragment)
             if relay is None:
                 continue  # taken by something outside this pool; try the next one
