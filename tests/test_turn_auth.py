@@ -541,6 +541,18 @@ def test_expired_rest_credential_keeps_its_allocation_until_it_ends() -> None:
     assert error_code(client.channel_bind(0x4000, PEER)) == 437
 
 
+def test_expired_rest_credential_may_still_delete_its_allocation() -> None:
+    """Refresh with LIFETIME 0 is not an extension: an expired REST credential can still end
+    its allocation (freeing the quota) instead of leaving it until it times out."""
+    server = rest_server()
+    client = rest_client(server, UNIX + 100)
+    assert is_success(client.allocate())
+    server.step(200)
+    assert error_code(client.refresh(600)) == 401
+    assert is_success(client.refresh(0))
+    assert client.five_tuple not in server.turn.allocations
+
+
 def test_rest_username_that_is_not_a_timestamp_is_unknown() -> None:
     server = rest_server()
     name = "carol"

@@ -576,6 +576,16 @@ def test_permission_quota_is_508() -> None:
     assert ip_key(PEER3[0]) not in server.allocation(client).permissions
 
 
+def test_channel_bind_counts_against_the_permission_quota() -> None:
+    """The permission a ChannelBind installs is a permission like any other: it counts."""
+    server = make_server(limits=QuotaLimits(permissions=2))
+    client, _ = allocated(server)
+    assert is_success(client.create_permission(PEER, PEER2))
+    assert error_code(client.channel_bind(0x4000, PEER3)) == 508
+    assert is_success(client.channel_bind(0x4000, PEER))  # PEER already has one: no growth
+    assert ip_key(PEER3[0]) not in server.allocation(client).permissions
+
+
 def test_permission_lasts_exactly_300_seconds() -> None:
     """8656 9: the permission lifetime MUST be 300 s; it is gone right after."""
     server = make_server()
