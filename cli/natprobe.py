@@ -136,7 +136,7 @@ def main(
     targets = [_split(s) for s in (servers or DEFAULT_SERVERS)]
     policy = RetransmitPolicy(rto=rto / 1000, rc=PROBE_POLICY.rc, rm=PROBE_POLICY.rm,
                               reliable_timeout=PROBE_POLICY.reliable_timeout)  # fmt: skip
-    progress = _Progress(enabled=(lifetime is not None and sys.stderr.isatty()) or as_json is False)
+    progress = _Progress(enabled=lifetime is not None and sys.stderr.isatty())
     try:
         report = asyncio.run(_run(targets, policy, not no_hairpin, lifetime, ports, bind_ip,
                                   not no_tcp, progress))  # fmt: skip

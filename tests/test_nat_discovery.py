@@ -43,6 +43,7 @@ from stunturn.nat import (
     NatType,
     OpenSocket,
     ProbeConfig,
+    SendDatagram,
     TcpRequest,
 )
 from stunturn.nat.sim import SimNat
@@ -68,11 +69,9 @@ def expected_type(mapping: Behaviour, filtering: Behaviour) -> NatType:
     return CONE[filtering] if mapping is E else NatType.SYMMETRIC
 
 
-def addr(text: str | None) -> tuple[str, int] | None:
-    if text is None:
-        return None
-    host, _, port = text.rpartition(":")
-    return host, int(port)
+def port_of(text: str) -> int:
+    """The port of an ``ip:port`` string from the report."""
+    return int(text.rpartition(":")[2])
 
 
 def fmt(a: tuple[str, int]) -> str:
@@ -245,10 +244,15 @@ TWO_IPS = (PRIMARY, (ALT_IP, PRIMARY_PORT))
 
 @pytest.mark.parametrize("servers", [SAME_IP, TWO_IPS], ids=["same-ip", "two-ips"])
 def test_two_servers_mapping_constant(servers: tuple[tuple[str, int], ...]) -> None:
-    """EIM behind two plain servers: the mapping does not vary, EIM; filtering needs RFC 5780
-    so it stays unknown with a reason, and so does the classic type."""
+    """EIM behind two plain servers: the mapping does not vary. On two IPs that proves EIM; on
+    two ports of one IP it cannot rule out ADM, so mapping stays unknown with a reason.
+    Filtering needs RFC 5780, so it stays unknown with a reason, and so does the type."""
     r = run_discovery(nat(E, E), server=PLAIN, servers=servers).report
-    assert r["mapping"] == E and r["mapping_varies_by_destination"] is False
+    assert r["mapping_varies_by_destination"] is False
+    if servers == TWO_IPS:
+        assert r["mapping"] == E
+    else:
+        assert r["mapping"] == U and "address-dependent" in r["reasons"]["mapping"]
     assert r["filtering"] == U and "RFC 5780" in r["reasons"]["filtering"]
     assert r["nat_type"] == NatType.UNKNOWN
 
@@ -270,12 +274,6 @@ def test_two_servers_two_ips_varying(mapping: Behaviour) -> None:
     assert r["nat_type"] == NatType.SYMMETRIC
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two servers on one IP (different ports) cannot tell EIM from ADM (an ADM NAT "
-    "keeps the mapping for every port of one IP), yet discovery._two_server_mapping reports "
-    "endpoint-independent when the two mappings are equal",
-)
 def test_two_servers_same_ip_cannot_rule_out_adm() -> None:
     """An ADM NAT (symmetric in the classic sense) behind two servers on one IP must not be
     called endpoint-independent: equal mappings there only rule out APDM."""
@@ -379,9 +377,8 @@ def test_response_port_and_padding_supported() -> None:
     run = run_discovery(nat(E, P))
     server = run.report["servers"][0]
     assert server["response_port"] is True and server["padding"] is True
-    assert run.test("response-port")["attributes"] == [
-        f"RESPONSE-PORT({addr(run.report['public_address'])[1]})"  # type: ignore[index]
-    ]
+    public_port = port_of(run.report["public_address"])
+    assert run.test("response-port")["attributes"] == [f"RESPONSE-PORT({public_port})"]
     assert run.test("padding")["attributes"] == ["PADDING(256)"]
 
 
@@ -403,12 +400,6 @@ def test_response_port_refused_keeps_the_verdicts() -> None:
     assert r["nat_type"] == NatType.PORT_RESTRICTED_CONE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the RESPONSE-PORT test only listens on the socket named in RESPONSE-PORT, but "
-    "an error response (420) comes back to the sending socket; it is dropped, the test times "
-    "out after 2.5 s and server.response_port is null ('unknown') instead of false",
-)
 def test_response_port_refused_is_reported_as_unsupported() -> None:
     """A 420 to RESPONSE-PORT is an answer: RESPONSE-PORT is not supported."""
     quirks = ServerQuirks(reject=frozenset({AttrType.RESPONSE_PORT}))
@@ -436,13 +427,6 @@ def test_apdm_leaves_change_request_unverified() -> None:
     assert r["filtering"] == P and r["nat_type"] == NatType.SYMMETRIC
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a server that silently drops CHANGE-REQUEST makes filtering tests II and III "
-    "time out, and natprobe infers APDF (port-restricted cone) for a full cone although its own "
-    "control test, sent from a socket whose filter is open, also got no answer "
-    "(change_request 'unverified'); the filtering verdict should then be unknown",
-)
 def test_server_dropping_change_request_gives_no_filtering_verdict() -> None:
     """Behind EIM, silence to CHANGE-REQUEST even on an open socket means the server, not the
     NAT, is silent: filtering must be unknown, not APDF."""
@@ -459,13 +443,6 @@ def test_coturn_like_server_verdicts() -> None:
         assert (r["mapping"], r["filtering"]) == (mapping.value, filtering.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the CHANGE-REQUEST control test is sent to the alternate address (a path the "
-    "filtering tests never use) and server.change_request is last-writer-wins: with coturn "
-    "4.6.1 (or COTURN_LIKE) a full cone is reported with change_request 'not honoured' although "
-    "filtering test II was answered from the right address",
-)
 @pytest.mark.parametrize("filtering", [E, P], ids=["EIF", "APDF"])
 def test_coturn_like_server_change_request_consistent(filtering: Behaviour) -> None:
     """A server that honours CHANGE-REQUEST on the address the filtering tests use is reported
@@ -550,11 +527,11 @@ def test_foreign_and_garbage_datagrams_are_ignored() -> None:
     no evidence."""
     machine = Discovery(ProbeConfig(servers=(PRIMARY,)))
     [open_, send] = machine.start(0.0)
-    assert isinstance(open_, OpenSocket)
+    assert isinstance(open_, OpenSocket) and isinstance(send, SendDatagram)
     assert machine.on_opened(open_.sock, (LAN_IP, 40000), 0.0) == []
     before = [e.as_dict() for e in machine.evidence]
     assert machine.on_datagram(open_.sock, PRIMARY, b"not stun at all", 0.01) == []
-    stranger = decode(send.data)  # type: ignore[union-attr]
+    stranger = decode(send.data)
     stranger.transaction_id = bytes(12)
     data = replace(stranger, raw=b"", offsets=[]).encode()
     assert machine.on_datagram(open_.sock, PRIMARY, data, 0.01) == []
@@ -645,12 +622,6 @@ def test_lifetime_longer_than_measured() -> None:
     assert "longer than 30 s" in life["summary"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the lifetime test relies on RESPONSE-PORT but never checks it is supported; "
-    "a server answering RESPONSE-PORT with 420 makes every probe 'dead', and natprobe reports "
-    "a lifetime 'between 0 and 10 s' with a 1 s keepalive instead of no measurement",
-)
 def test_lifetime_without_response_port_is_not_measured() -> None:
     """Without RESPONSE-PORT support there is no lifetime measurement, not a bogus one."""
     quirks = ServerQuirks(reject=frozenset({AttrType.RESPONSE_PORT}))

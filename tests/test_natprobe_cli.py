@@ -136,13 +136,6 @@ def test_bind(primary: str) -> None:
     assert report["nat_detected"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with --bind 127.0.0.3 (an address of lo's 127.0.0.0/8 that is not an "
-    "interface address) the mapped address equals the local address exactly, yet natprobe "
-    "says NAT detected / full-cone: ProbeRunner's local_ips come from interface_addresses() "
-    "only and do not include the bind address (discovery._nat_between)",
-)
 def test_bind_address_counts_as_local(primary: str) -> None:
     """A mapped address identical to the socket's own address is never a NAT."""
     report = as_json(natprobe("--json", "--bind", "127.0.0.3", primary))

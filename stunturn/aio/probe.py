@@ -65,6 +65,8 @@ class ProbeRunner:
         self.v6 = ":" in primary[0]
         self.local_ip = bind_ip or _source_toward(primary) or ("::" if self.v6 else "0.0.0.0")
         local_ips = config.local_ips or frozenset(a.address for a in interface_addresses())
+        if bind_ip:
+            local_ips |= {bind_ip}
         self.config = ProbeConfig(
             servers=config.servers,
             local_ips=local_ips,

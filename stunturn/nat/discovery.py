@@ -134,6 +134,7 @@ class Evidence:
     error_code: int | None = None
     rtt_ms: float | None = None
     sent: int = 0
+    reply_attributes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         def fmt(a: Address | None) -> str | None:
@@ -155,6 +156,7 @@ class Evidence:
             "error_code": self.error_code,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 2),
             "transmissions": self.sent,
+            "reply_attributes": self.reply_attributes,
             "transaction_id": self.transaction_id,
         }
 
@@ -247,7 +249,8 @@ class Discovery:
         if probe is None:
             return self._flush()  # late or foreign: never answers a later test
         expected_sock = probe.receive_on if probe.receive_on is not None else probe.sock
-        if sock != expected_sock:
+        error_here = msg.cls is MessageClass.ERROR and sock == probe.sock
+        if sock != expected_sock and not error_here:
             return self._flush()
         ev = probe.evidence
         if probe.hairpin:
@@ -266,6 +269,7 @@ class Discovery:
         xor = msg.get(XorMappedAddress)
         plain = msg.get(MappedAddress)
         ev.mapped = xor.address if xor else (plain.address if plain else None)
+        ev.reply_attributes = [type(a).__name__ for a in msg.attributes]
         if msg.cls is MessageClass.ERROR:
             code = msg.get(ErrorCode)
             ev.error_code = code.code if code else None
@@ -398,7 +402,7 @@ class Discovery:
         self.local = self._local.get(ev.socket)
         self.nat_detected = self._nat_between(ev.socket, ev.mapped)
         if len(self.config.servers) == 2:
-            self.server_info["rfc5780"] = ev.other_address is not None
+            self.server_info["other_address"] = fmt_address(ev.other_address)
             self._two_server_mapping(now)
         else:
             other = ev.other_address
@@ -424,13 +428,13 @@ class Discovery:
         if self.config.hairpin:
             self._hairpin_tests(now)
         self._port_allocation_tests(now)
-        if self.config.lifetime_max:
-            self._lifetime_tests(now)
 
     def _nat_between(self, sock: int, mapped: Address) -> bool:
         local = self._local.get(sock)
         if local is None:
             return True
+        if mapped == local:
+            return False
         return not (mapped[0] in self.config.local_ips and mapped[1] == local[1])
 
     def _tcp_check(self, now: float) -> None:
@@ -485,45 +489,73 @@ class Discovery:
         self._binding("filtering-I", sock, primary, [], now, first)
 
     def _filtering_done(self, ev: Evidence) -> None:
+        # The verdict waits for report(): it combines these with the CHANGE-REQUEST control.
         self._filtering_replies[ev.name] = ev
-        if len(self._filtering_replies) < 2:
-            return
-        two, three = (
-            self._filtering_replies["filtering-II"],
-            self._filtering_replies["filtering-III"],
-        )
-        for test in (two, three):
+
+    def _change_request_evidence(self) -> list[Evidence]:
+        names = ("filtering-II", "filtering-III", "change-request-control")
+        return [self._filtering_replies[n] for n in names if n in self._filtering_replies]
+
+    def _judge_filtering(self) -> None:
+        """Filtering (RFC 5780 section 4.4) from tests II and III and the control.
+
+        A reply from the wrong address, an error, or RESPONSE-ORIGIN disagreeing with the
+        source means the server does not honour CHANGE-REQUEST: unknown. A reply from the right
+        address proves the filter let it in. Silence alone is only trusted when the control test
+        (sent where our filter is known to be open) got its changed-source reply; silence there
+        too means the server does not answer CHANGE-REQUEST at all: unknown. Without a control
+        (the mapping is not endpoint-independent, so no filter is known to be open) silence is
+        read as address-and-port-dependent filtering, and the server's support is "unverified".
+        """
+        evidence = self._change_request_evidence()
+        for test in evidence:
+            bad = None
             if test.result == "wrong-source":
-                self._change_honoured = False
-                self.reasons["filtering"] = (
+                bad = (
                     f"the server ignores CHANGE-REQUEST: the reply to {test.name} came from "
                     f"{fmt_address(test.reply_source)}, not {fmt_address(test.expected_source)}"
                 )
-                return
-            if test.result == "error":
-                self._change_honoured = False
-                self.reasons["filtering"] = (
-                    f"the server refused CHANGE-REQUEST with error {test.error_code}"
-                )
-                return
-            if test.result == "answered" and test.response_origin not in (None, test.reply_source):
-                self._change_honoured = False
-                self.reasons["filtering"] = (
+            elif test.result == "error":
+                bad = f"the server refused CHANGE-REQUEST in {test.name} ({test.error_code})"
+            elif test.result == "answered" and test.response_origin not in (
+                None,
+                test.reply_source,
+            ):
+                bad = (
                     f"RESPONSE-ORIGIN {fmt_address(test.response_origin)} disagrees with the "
-                    f"reply's source {fmt_address(test.reply_source)} in {test.name}"
+                    f"source {fmt_address(test.reply_source)} of {test.name}"
                 )
+            if bad is not None:
+                self._change_honoured = False
+                self.reasons["filtering"] = bad
                 return
-        if two.result == "answered":
+        if any(t.result == "answered" for t in evidence):
             self._change_honoured = True
+        results = {t.name: t.result for t in evidence}
+        if "filtering-II" not in results or "filtering-III" not in results:
+            return  # the filtering tests did not run (the reason is already recorded)
+        if results["filtering-II"] == "answered":
             self.filtering = Behaviour.ENDPOINT_INDEPENDENT
-        elif three.result == "answered":
-            self._change_honoured = True
+        elif results["filtering-III"] == "answered":
             self.filtering = Behaviour.ADDRESS_DEPENDENT
+        elif results.get("change-request-control") == "answered":
+            self.filtering = Behaviour.ADDRESS_AND_PORT_DEPENDENT
+            self.reasons["filtering_evidence"] = (
+                "no reply to CHANGE-REQUEST tests II and III, while the control test (sent "
+                "where our filter is open) was answered: the NAT filtered them"
+            )
+        elif results.get("change-request-control") == "timeout":
+            self._change_honoured = False
+            self.reasons["filtering"] = (
+                "the server does not answer CHANGE-REQUEST: even the control test, sent where "
+                "the mapping keeps our filter open, got no reply"
+            )
         else:
             self.filtering = Behaviour.ADDRESS_AND_PORT_DEPENDENT
             self.reasons["filtering_evidence"] = (
-                "no reply to CHANGE-REQUEST (tests II and III); whether the server honours "
-                "CHANGE-REQUEST is checked separately (server.change_request)"
+                "no reply to CHANGE-REQUEST (tests II and III); the server's CHANGE-REQUEST "
+                "support could not be verified from behind a mapping that depends on the "
+                "destination"
             )
 
     # --- mapping (RFC 5780 section 4.3) -----------------------------------------------------
@@ -570,25 +602,17 @@ class Discovery:
             self._change_request_control(sock)
 
     def _change_request_control(self, sock: int) -> None:
-        """Check the server really honours CHANGE-REQUEST, from a socket whose filter is open.
+        """Check the server honours CHANGE-REQUEST, from a socket whose filter is known open.
 
-        The mapping socket has sent to both server addresses; with endpoint-independent
-        mapping its filter admits the primary address whatever the filtering behaviour. So a
-        CHANGE-REQUEST sent to the alternate address must be answered from the primary one.
+        The mapping socket has sent to the alternate IP and port (test III); with
+        endpoint-independent mapping its one mapping's filter now admits that address whatever
+        the filtering behaviour. So a CHANGE-REQUEST(ip+port) sent to the primary address, the
+        same path the filtering tests use, must come back from the alternate address.
         """
         assert self.other is not None
-
-        def done(ev: Evidence) -> None:
-            if ev.result == "answered":
-                self._change_honoured = True
-            elif ev.result in ("wrong-source", "error"):
-                self._change_honoured = False
-            else:
-                self._change_honoured = None
-
         self._binding(
-            "change-request-control", sock, self.other, [ChangeRequest(True, True)],
-            self._clock, done, expect=self.primary,
+            "change-request-control", sock, self.primary, [ChangeRequest(True, True)],
+            self._clock, self._filtering_done, expect=self.other,
         )  # fmt: skip
 
     # --- two plain servers ------------------------------------------------------------------
@@ -608,9 +632,15 @@ class Discovery:
                 self.reasons["mapping"] = "one of the two servers did not answer"
                 return
             self.mapping_varies = a != b
-            if a == b:
+            same_ip = first[0] == second[0]
+            if a == b and not same_ip:
                 self.mapping = Behaviour.ENDPOINT_INDEPENDENT
-            elif first[0] == second[0]:
+            elif a == b:
+                self.reasons["mapping"] = (
+                    "the mapping is the same for two ports of one IP: endpoint-independent or "
+                    "address-dependent (servers on two IPs would tell)"
+                )
+            elif same_ip:
                 self.mapping = Behaviour.ADDRESS_AND_PORT_DEPENDENT
             else:
                 self.reasons["mapping"] = (
@@ -624,17 +654,25 @@ class Discovery:
     # --- RESPONSE-PORT and PADDING -----------------------------------------------------------
 
     def _response_port_test(self, sock: int, now: float) -> None:
-        """RESPONSE-PORT: ask for the reply to go to our own mapped port, from another socket."""
+        """RESPONSE-PORT: ask for the reply to go to our own mapped port, from another socket.
+
+        The mapping-lifetime test relies on RESPONSE-PORT, so it starts only once this worked.
+        """
         assert self.public is not None
         probe_sock = self._open("response-port")
 
         def done(ev: Evidence) -> None:
             if ev.result == "answered":
                 self.server_info["response_port"] = True
-            elif ev.result == "error":
-                self.server_info["response_port"] = False
-            else:
-                self.server_info["response_port"] = None
+                if self.config.lifetime_max:
+                    self._lifetime_tests(self._clock)
+                return
+            self.server_info["response_port"] = False if ev.result == "error" else None
+            if self.config.lifetime_max:
+                self.reasons["mapping_lifetime"] = (
+                    "the lifetime test needs RESPONSE-PORT, which the server "
+                    + ("refused" if ev.result == "error" else "did not answer")
+                )
 
         self._binding(
             "response-port", probe_sock, self.primary, [ResponsePort(self.public[1])], now,
@@ -643,9 +681,9 @@ class Discovery:
 
     def _padding_test(self, sock: int, now: float) -> None:
         def done(ev: Evidence) -> None:
-            self.server_info["padding"] = (
-                ev.result == "answered" if ev.result != "timeout" else None
-            )
+            # Supported when the answer carries PADDING back (RFC 5780 section 6.1).
+            answered = ev.result == "answered" and "Padding" in ev.reply_attributes
+            self.server_info["padding"] = answered if ev.result != "timeout" else None
 
         self._binding(
             "padding", sock, self.primary, [Padding(bytes(self.config.padding))], now, done
@@ -801,6 +839,8 @@ class Discovery:
 
     def report(self) -> dict[str, Any]:
         """The natprobe/1 JSON object (call when :attr:`done`)."""
+        if self.other is not None and self.filtering is Behaviour.UNKNOWN:
+            self._judge_filtering()
         nat_type = classic_type(self.nat_detected, self.mapping, self.filtering, self.udp_blocked)
         if (
             nat_type is NatType.UNKNOWN
