@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import resource
 import select
 import signal
 import socket
@@ -372,6 +373,108 @@ def udp_port_drops(port: int) -> int:
                 if int(cols[1].rsplit(":", 1)[1], 16) == port:
                     total += int(cols[-1])
     return total
+
+
+def udp_drops_where(ports: set[int], ips: set[str] | None = None) -> int:
+    """Receive-queue drops summed over IPv4 UDP sockets whose local port is in ports.
+
+    ips (dotted quads) narrows the match to sockets bound to those addresses.
+    """
+    want = {socket.inet_aton(ip)[::-1].hex().upper() for ip in ips} if ips else None
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            cols = line.split()
+            ip_hex, port_hex = cols[1].split(":")
+            if int(port_hex, 16) in ports and (want is None or ip_hex in want):
+                total += int(cols[-1])
+    return total
+
+
+def udp_sockets_on(port: int, ip: str) -> int:
+    """How many IPv4 UDP sockets are bound to ip:port (e.g. a SO_REUSEPORT group)."""
+    want = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    return sum(1 for line in lines if line.split()[1] == want)
+
+
+# ---------------------------------------------------------------- memory and limits
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    """Resident memory of a process tree, summed over its processes (kB)."""
+
+    rss_kb: int
+    pss_kb: int
+    uss_kb: int
+    processes: int
+
+
+def _status_kb(pid: int, field_name: str, filename: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/{filename}").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_memory(root: int) -> TreeMemory:
+    """RSS (VmRSS) and PSS (smaps_rollup) of root and its living descendants.
+
+    RSS counts pages shared between processes (e.g. forked workers) once per process;
+    PSS splits them among every process mapping them (so it moves when unrelated processes
+    map the same files); USS (Private_Clean + Private_Dirty) counts only unshared pages.
+    """
+    tree = process_tree(root, all_proc_stats())
+    rss = sum(_status_kb(st.pid, "VmRSS", "status") for st in tree)
+    pss = sum(_status_kb(st.pid, "Pss", "smaps_rollup") for st in tree)
+    uss = sum(
+        _status_kb(st.pid, "Private_Clean", "smaps_rollup")
+        + _status_kb(st.pid, "Private_Dirty", "smaps_rollup")
+        for st in tree
+    )
+    return TreeMemory(rss_kb=rss, pss_kb=pss, uss_kb=uss, processes=len(tree))
+
+
+def raise_nofile_limit(want: int | None = None) -> tuple[int, int]:
+    """Raise our soft open-files limit (inherited by children) to want or the hard limit.
+
+    Returns the (soft, hard) limits now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if want is not None:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+# ---------------------------------------------------------------- machine load
+
+
+def load_average() -> tuple[float, float, float]:
+    """1, 5 and 15 minute load averages from /proc/loadavg."""
+    parts = Path("/proc/loadavg").read_text().split()
+    return float(parts[0]), float(parts[1]), float(parts[2])
+
+
+def background_cpu_pct(seconds: float = 1.0, exclude: set[int] | None = None) -> float:
+    """CPU used by all processes but exclude (and us) over seconds, in % of one core."""
+    before = all_proc_stats()
+    time.sleep(seconds)
+    after = all_proc_stats()
+    skip = (exclude or set()) | {os.getpid()}
+    return other_cpu_seconds(before, after, skip) / seconds * 100
 
 
 # ---------------------------------------------------------------- STUN probe

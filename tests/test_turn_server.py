@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -330,6 +331,40 @@ def test_user_quota_shared_across_workers(stunturn_server: StartServer) -> None:
         again = TurnClient(server.addr("udp"), "alice", "secret")
         clients.append(again)
         assert error_of(again.allocate(check=False)) == 486
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_worker_restart_keeps_other_workers_clients(stunturn_server: StartServer) -> None:
+    """The supervisor binds every worker's listeners once and keeps them: when a worker dies
+    and is replaced, the SO_REUSEPORT group is unchanged, so clients of the surviving worker
+    still reach it (their Refresh succeeds) and only the dead worker's allocations are gone."""
+    port = free_port()
+    args = turn_args(port, "--user-quota", "0", "--log-format", "json")
+    args[args.index("--workers") + 1] = "2"
+    server = stunturn_server(*args)
+    clients = [TurnClient(server.addr("udp"), "alice", "secret") for _ in range(8)]
+    try:
+        for client in clients:
+            client.allocate()
+
+        def owners() -> list[int | None]:
+            return [_worker_of(server, c.local[1], True) for c in clients]
+
+        assert wait_until(lambda: None not in owners())
+        pids = owners()
+        assert len(set(pids)) == 2, "all 8 clients hashed to one worker (p = 1/128)"
+        victim = pids[0]
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: "restarted" in server.stderr, timeout=20)
+        for client, pid in zip(clients, pids, strict=True):
+            response = client.refresh(600, check=False)
+            if pid == victim:
+                assert error_of(response) == 437  # its allocation died with its worker
+            else:
+                assert error_of(response) is None, "a surviving worker's client was re-hashed"
     finally:
         for client in clients:
             client.close()

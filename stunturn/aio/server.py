@@ -115,6 +115,26 @@ def set_buffers(sock: socket.socket, size: int) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
+BoundSockets = list[tuple[Transport, socket.socket]]
+
+
+def bind_listeners(config: ServerConfig, core: CoreConfig, reuse_port: bool) -> BoundSockets:
+    """Bind every listener of one worker: UDP, TCP and TLS. Closes all on failure."""
+    bound: BoundSockets = []
+    try:
+        for ep in udp_endpoints(config, core):
+            bound.append((Transport.UDP, bind_socket(ep, socket.SOCK_DGRAM, reuse_port)))
+        for ep in tcp_endpoints(config, core):
+            bound.append((Transport.TCP, bind_socket(ep, socket.SOCK_STREAM, reuse_port)))
+        for ep in config.tls_listen:
+            bound.append((Transport.TLS, bind_socket(ep, socket.SOCK_STREAM, reuse_port)))
+    except BaseException:
+        for _, sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
 def bind_socket(ep: Endpoint, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
     """Create, configure and bind a non-blocking socket for ``ep``."""
     family = socket.AF_INET6 if ep.family_v6 else socket.AF_INET
@@ -366,32 +386,39 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
-    async def start(self) -> list[Listener]:
-        """Bind everything; raises OSError (e.g. address in use) with nothing left bound."""
+    async def start(self, sockets: BoundSockets | None = None) -> list[Listener]:
+        """Serve every listener; raises OSError (e.g. address in use) with nothing left bound.
+
+        ``sockets`` are listeners the supervisor bound for this worker; without them the
+        worker binds its own.
+        """
         try:
-            for ep in udp_endpoints(self.config, self.core_config):
-                sock = bind_socket(ep, socket.SOCK_DGRAM, self.reuse_port)
-                listener = UdpListener(self, sock)
-                self.udp[listener.local] = listener
-                reader = listener.on_readable_batched if self.batch_io else listener.on_readable
-                self.loop.add_reader(sock.fileno(), reader)
-                self.listeners.append(Listener(Transport.UDP, listener.local))
-            for ep in tcp_endpoints(self.config, self.core_config):
-                await self._start_stream(ep, Transport.TCP, None)
+            bound = sockets if sockets is not None else bind_listeners(
+                self.config, self.core_config, self.reuse_port
+            )  # fmt: skip
+            for kind, sock in bound:
+                if kind is Transport.UDP:
+                    listener = UdpListener(self, sock)
+                    self.udp[listener.local] = listener
+                    on_readable = listener.on_readable
+                    reader = listener.on_readable_batched if self.batch_io else on_readable
+                    self.loop.add_reader(sock.fileno(), reader)
+                    self.listeners.append(Listener(Transport.UDP, listener.local))
+            ctx = None
             if self.config.tls_listen:
                 assert self.config.cert is not None and self.config.key is not None
                 ctx = server_context(self.config.cert, self.config.key)
-                for ep in self.config.tls_listen:
-                    await self._start_stream(ep, Transport.TLS, ctx)
+            for kind, sock in bound:
+                if kind is not Transport.UDP:
+                    await self._start_stream(sock, kind, ctx if kind is Transport.TLS else None)
         except BaseException:
             await self.close()
             raise
         return self.listeners
 
     async def _start_stream(
-        self, ep: Endpoint, kind: Transport, ctx: ssl.SSLContext | None
+        self, sock: socket.socket, kind: Transport, ctx: ssl.SSLContext | None
     ) -> None:
-        sock = bind_socket(ep, socket.SOCK_STREAM, self.reuse_port)
         try:
             server = await self.loop.create_server(
                 lambda: StreamConnection(self, kind),
@@ -499,11 +526,12 @@ async def serve_forever(
     install_signals: bool = True,
     index: int = 0,
     quotas: Quotas | None = None,
+    sockets: BoundSockets | None = None,
 ) -> Worker:
     """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed."""
     raise_fd_limit()
     worker = Worker(prepare(config), reuse_port, index=index, quotas=quotas)
-    await worker.start()
+    await worker.start(sockets)
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -26,7 +26,16 @@ from ..config import ConfigError, Endpoint, ServerConfig
 from ..logsetup import configure_logging
 from ..server.actions import Transport
 from ..server.counters import Counters
-from .server import Listener, Worker, core_config, new_event_loop, serve_forever, tcp_endpoints
+from .server import (
+    BoundSockets,
+    Listener,
+    Worker,
+    bind_listeners,
+    core_config,
+    new_event_loop,
+    serve_forever,
+    tcp_endpoints,
+)
 from .server import udp_endpoints as udp_endpoints_of
 from .shared import SharedQuotas
 from .turnsetup import limits_of, prepare
@@ -121,8 +130,9 @@ def _worker_main(
     conn: multiprocessing.connection.Connection,
     index: int,
     quotas: SharedQuotas | None,
+    sockets: BoundSockets,
 ) -> None:
-    """Entry point of a worker process (spawned).
+    """Entry point of a worker process (spawned), serving the listeners the supervisor bound.
 
     SIGINT/SIGTERM stop the worker; once stopping, further signals are ignored, so a stop
     signal sent to the whole process group (Ctrl-C, systemd) followed by the supervisor's own
@@ -157,6 +167,7 @@ def _worker_main(
                 install_signals=False,
                 index=index,
                 quotas=quotas.view(index) if quotas is not None else None,
+                sockets=sockets,
             )
         )
     except OSError as exc:
@@ -176,6 +187,10 @@ class Supervisor:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
+        self.sockets: list[BoundSockets] = []
+        """Each worker slot's listeners, bound once here and kept open for the supervisor's
+        life: a worker that dies and is replaced gets the same sockets back, so the kernel's
+        SO_REUSEPORT group never changes and no other worker's clients are re-hashed."""
         self.quotas = (
             SharedQuotas(limits_of(config), config.workers, self.ctx) if config.turn else None
         )
@@ -186,9 +201,8 @@ class Supervisor:
 
     def _spawn(self, index: int) -> tuple[Any, multiprocessing.connection.Connection]:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(
-            target=_worker_main, args=(self.config, child, index, self.quotas), daemon=True
-        )
+        args = (self.config, child, index, self.quotas, self.sockets[index])
+        proc = self.ctx.Process(target=_worker_main, args=args, daemon=True)
         proc.start()
         child.close()
         return proc, parent
@@ -209,6 +223,13 @@ class Supervisor:
         """Spawn the workers; ``checked`` says the ports were already proven free."""
         if not checked:
             _check_free(self.config)
+        core = core_config(self.config)
+        try:
+            for _ in range(self.config.workers):
+                self.sockets.append(bind_listeners(self.config, core, reuse_port=True))
+        except OSError as exc:
+            self._close_sockets()
+            raise StartupError(f"cannot bind: {exc.strerror or exc}") from None
         try:
             for index in range(self.config.workers):
                 proc, conn = self._spawn(index)
@@ -257,6 +278,12 @@ class Supervisor:
         self._await_ready(new_proc, new_conn)
         log.info("worker %d restarted (pid %d)", index, new_proc.pid)
 
+    def _close_sockets(self) -> None:
+        for bound in self.sockets:
+            for _, sock in bound:
+                sock.close()
+        self.sockets.clear()
+
     def stop(self) -> None:
         for proc, _ in self.procs:
             if proc.is_alive():
@@ -278,6 +305,7 @@ class Supervisor:
                 proc.join()
             conn.close()
         self.procs.clear()
+        self._close_sockets()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -15,7 +15,6 @@ client address)[:12])``. Nothing is stored: any worker holding the same secret c
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import struct
 
@@ -57,7 +56,7 @@ class NonceManager:
 
     def _mac(self, expiry: bytes, client: Address) -> bytes:
         material = b"%s|%s|%s|%d" % (COOKIE.encode(), expiry, client[0].encode(), client[1])
-        return hmac.new(self._secret, material, hashlib.sha256).digest()[:_MAC_BYTES]
+        return hmac.digest(self._secret, material, "sha256")[:_MAC_BYTES]
 
     def issue(self, client: Address, now: float) -> str:
         """A fresh nonce for ``client``, valid until ``now + lifetime``."""

@@ -6,7 +6,6 @@ MESSAGE-INTEGRITY-SHA256, FINGERPRINT).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -149,11 +148,11 @@ class Message:
         head = message_type(self.method, self.cls)
         if key is not None:
             if sha1:
-                digest = hmac.new(key, _header(head, len(body) + 24, tid) + body, "sha1").digest()
+                digest = hmac.digest(key, _header(head, len(body) + 24, tid) + body, "sha1")
                 _append_attribute(body, _MI, digest)
             if sha256:
                 pre = _header(head, len(body) + 36, tid) + body
-                _append_attribute(body, _MI256, hmac.new(key, pre, hashlib.sha256).digest())
+                _append_attribute(body, _MI256, hmac.digest(key, pre, "sha256"))
         if fingerprint:
             crc = zlib.crc32(_header(head, len(body) + 8, tid) + body) ^ FINGERPRINT_XOR
             _append_attribute(body, _FP, _U32.pack(crc))
@@ -262,7 +261,7 @@ def check_integrity(msg: Message, key: bytes) -> bool:
         return False
     off, attr = found
     assert isinstance(attr, MessageIntegrity)
-    digest = hmac.new(key, _hashed_prefix(msg, off, 24), "sha1").digest()
+    digest = hmac.digest(key, _hashed_prefix(msg, off, 24), "sha1")
     return hmac.compare_digest(digest, attr.value)
 
 
@@ -274,7 +273,7 @@ def check_integrity_sha256(msg: Message, key: bytes) -> bool:
     off, attr = found
     assert isinstance(attr, MessageIntegritySha256)
     size = len(attr.value)
-    digest = hmac.new(key, _hashed_prefix(msg, off, 4 + size), hashlib.sha256).digest()
+    digest = hmac.digest(key, _hashed_prefix(msg, off, 4 + size), "sha256")
     return hmac.compare_digest(digest[:size], attr.value)
 
 

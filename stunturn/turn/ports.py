@@ -12,7 +12,6 @@ and 3 bytes of HMAC over both and the relay IP (guessing one only wins a reserve
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import random
 from collections.abc import Iterator
@@ -112,4 +111,4 @@ class PortPool:
         return min(self._reserved.values(), default=None)
 
     def _mac(self, ip: str, head: bytes) -> bytes:
-        return hmac.new(self._secret, head + ip.encode(), hashlib.sha256).digest()[:3]
+        return hmac.digest(self._secret, head + ip.encode(), "sha256")[:3]

@@ -251,6 +251,17 @@ class TurnService:
         response.attributes.append(XorMappedAddress(*five_tuple[1]))
         if address_error is not None:
             response.attributes.append(address_error)
+        if log.isEnabledFor(logging.INFO):
+            self._log_created(alloc, five_tuple, relays, lifetime)
+        return response
+
+    def _log_created(
+        self,
+        alloc: Allocation,
+        five_tuple: FiveTuple,
+        relays: list[RelayHandle],
+        lifetime: int,
+    ) -> None:
         log.info(
             "allocation created",
             extra={
@@ -262,7 +273,6 @@ class TurnService:
                 "lifetime": lifetime,
             },
         )
-        return response
 
     def remember_response(self, five_tuple: FiveTuple, data: bytes) -> None:
         """Keep the encoded Allocate success so a retransmission gets the same bytes."""
@@ -554,6 +564,8 @@ class TurnService:
             self._close_relay(relay)
         self.quotas.release(alloc.username, alloc.client_ip)
         alloc.cooldown.clear()
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "allocation ended",
             extra={
