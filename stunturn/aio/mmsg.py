@@ -83,6 +83,25 @@ _IOV_LEN_OFFSET = _IOVec.len.offset
 _PORT = struct.Struct("!H")
 
 
+def address_to_sockaddr(addr: tuple[str, int]) -> bytes:
+    """Encode ``(host, port)`` as a raw ``sockaddr_in``/``sockaddr_in6`` (Linux layout)."""
+    host, port = addr
+    if ":" in host:
+        return (
+            socket.AF_INET6.to_bytes(2, sys.byteorder)
+            + port.to_bytes(2, "big")
+            + bytes(4)
+            + socket.inet_pton(socket.AF_INET6, host)
+            + bytes(4)
+        )
+    return (
+        socket.AF_INET.to_bytes(2, sys.byteorder)
+        + port.to_bytes(2, "big")
+        + socket.inet_aton(host)
+        + bytes(8)
+    )
+
+
 def sockaddr_to_address(name: bytes | memoryview) -> tuple[str, int]:
     """Decode a raw ``sockaddr_in``/``sockaddr_in6`` into ``(host, port)``."""
     family = name[0] | (name[1] << 8)
@@ -131,6 +150,18 @@ class BatchIO:
         self._txaddr = ctypes.addressof(self._txmsgs)
         self._pending: list[int] = []
         self._filled = batch
+        # A second set of headers over the same transmit slots, all addressed to one
+        # destination (a relay's client): see send_to().
+        self._dest = (ctypes.c_char * NAME)()
+        self._destmsgs = (_MMsgHdr * batch)()
+        for i in range(batch):
+            hdr = self._destmsgs[i].hdr
+            hdr.name = ctypes.addressof(self._dest)
+            hdr.namelen = NAME
+            hdr.iov = ctypes.pointer(self._txiov[i])
+            hdr.iovlen = 1
+        self._destaddr = ctypes.addressof(self._destmsgs)
+        self._destmv = memoryview(self._dest).cast("B")
         self._txiovs = memoryview(self._txiov).cast("B")
 
     def recv(self, fd: int) -> int:
@@ -167,6 +198,17 @@ class BatchIO:
         """Send tx slot ``i`` (``length`` bytes already written) back to datagram ``i``'s source."""
         _SIZE_T.pack_into(self._txiovs, i * _IOV_SIZE + _IOV_LEN_OFFSET, length)
         self._pending.append(i)
+
+    def set_length(self, i: int, length: int) -> None:
+        """Length of transmit slot ``i`` (for :meth:`send_to`)."""
+        _SIZE_T.pack_into(self._txiovs, i * _IOV_SIZE + _IOV_LEN_OFFSET, length)
+
+    def send_to(self, fd: int, count: int, name: bytes) -> int:
+        """Send transmit slots ``0..count-1`` to the one raw sockaddr ``name``; returns how
+        many the kernel refused."""
+        self._destmv[: len(name)] = name
+        sent: int = self._sendmmsg(fd, self._destaddr, count, MSG_DONTWAIT)
+        return count - max(sent, 0)
 
     def flush(self, fd: int) -> int:
         """Send everything queued; returns how many datagrams the kernel refused."""

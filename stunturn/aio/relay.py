@@ -26,7 +26,7 @@ from ..server.actions import Transport
 from ..server.keys import IPV6_KEY_BIT
 from ..turn.allocation import Allocation, FiveTuple
 from ..turn.wire import data_indication
-from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT
+from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, address_to_sockaddr
 
 if TYPE_CHECKING:
     from .server import Worker
@@ -50,6 +50,7 @@ class RelaySocket:
         "address",
         "allocation",
         "client",
+        "client_name",
         "client_sock",
         "fd",
         "sendto",
@@ -73,6 +74,7 @@ class RelaySocket:
         self.stream = transport is not Transport.UDP
         listener = worker.udp.get(local)
         self.client_sock = listener.sock if listener is not None and not self.stream else None
+        self.client_name = address_to_sockaddr(client)
 
     def send(self, data: bytes | memoryview, peer: tuple[str, int]) -> None:
         """Relay data to a peer (a Send indication's DATA or a ChannelData payload)."""
@@ -100,19 +102,23 @@ class RelaySocket:
             self._read_plain(alloc)
             return
         fd = self.fd
-        rx, names, hdrs = io.rx, io.names, io.rxhdrs
+        rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
         unpack_u32 = _U32.unpack_from
         from_bytes = int.from_bytes
         channels = alloc.peer_channels
         permissions = alloc.permissions
         pack_channel = _CHANNEL.pack
+        pack_channel_into = _CHANNEL.pack_into
+        set_length = io.set_length
         to_client = self.to_client
         stream = self.stream
+        client_fd = self.client_sock.fileno() if self.client_sock is not None else -1
         for _ in range(RELAY_BATCH // io.batch + 1):
             n = io.recv(fd)
             if n == 0:
                 self._read_errors()
                 return
+            batched = 0  # ChannelData frames built in the transmit slots, sent in one call
             for i in range(n):
                 off = i * SLOT
                 size = unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]
@@ -124,18 +130,28 @@ class RelaySocket:
                     ip = IPV6_KEY_BIT | from_bytes(names[noff + 8 : noff + 24], "big")
                 if ip not in permissions:
                     continue  # RFC 8656 section 11.3: no permission, no delivery
-                number = channels.get((ip << 16) | port)
-                if number is not None:
-                    frame = pack_channel(number, size) + rx[off : off + size]
-                    if stream and size & 3:
-                        frame += b"\x00" * (4 - (size & 3))
-                else:
-                    frame = data_indication(io.address(i), bytes(rx[off : off + size]))
                 if alloc.max_bps and not alloc.within_rate(size, True, self.worker.loop.time()):
                     continue
                 alloc.bytes_to_client += size
                 alloc.packets_to_client += 1
-                to_client(frame)
+                number = channels.get((ip << 16) | port)
+                if number is None:
+                    to_client(data_indication(io.address(i), bytes(rx[off : off + size])))
+                elif client_fd >= 0:
+                    toff = batched * SLOT
+                    pack_channel_into(tx, toff, number, size)
+                    tx[toff + 4 : toff + 4 + size] = rx[off : off + size]
+                    set_length(batched, 4 + size)
+                    batched += 1
+                else:
+                    frame = pack_channel(number, size) + rx[off : off + size]
+                    if stream and size & 3:
+                        frame += b"\x00" * (4 - (size & 3))
+                    to_client(frame)
+            if batched:
+                failed = io.send_to(client_fd, batched, self.client_name)
+                if failed:
+                    self.worker.core.counters.send_failed += failed
             if n < io.batch:
                 return
 
