@@ -78,6 +78,7 @@ LEN_OFFSET``."""
 _NAMELEN_OFFSET = _MsgHdr.namelen.offset
 _U32 = struct.Struct("I")
 _SIZE_T = struct.Struct("N")
+_IOV = struct.Struct("PN")
 _IOV_SIZE = ctypes.sizeof(_IOVec)
 _IOV_LEN_OFFSET = _IOVec.len.offset
 _PORT = struct.Struct("!H")
@@ -162,6 +163,19 @@ class BatchIO:
             hdr.iovlen = 1
         self._destaddr = ctypes.addressof(self._destmsgs)
         self._destmv = memoryview(self._dest).cast("B")
+        # A third set, whose iovecs point into the receive slots, to forward received payloads
+        # without copying them: see send_received().
+        self._fwdiov = (_IOVec * batch)()
+        self._fwdmsgs = (_MMsgHdr * batch)()
+        for i in range(batch):
+            hdr = self._fwdmsgs[i].hdr
+            hdr.name = ctypes.addressof(self._dest)
+            hdr.namelen = NAME
+            hdr.iov = ctypes.pointer(self._fwdiov[i])
+            hdr.iovlen = 1
+        self._fwdaddr = ctypes.addressof(self._fwdmsgs)
+        self._fwdiovs = memoryview(self._fwdiov).cast("B")
+        self._rxbase = rx
         self._txiovs = memoryview(self._txiov).cast("B")
 
     def recv(self, fd: int) -> int:
@@ -208,6 +222,22 @@ class BatchIO:
         many the kernel refused."""
         self._destmv[: len(name)] = name
         sent: int = self._sendmmsg(fd, self._destaddr, count, MSG_DONTWAIT)
+        return count - max(sent, 0)
+
+    def send_received(self, fd: int, items: list[int], skip: int, name: bytes) -> int:
+        """Send parts of received datagrams to the raw sockaddr ``name`` in one call.
+
+        ``items`` is flat: slot, length, slot, length...; each datagram is sent from byte
+        ``skip`` of its receive slot (4: a ChannelData payload without its header). Returns
+        how many the kernel refused.
+        """
+        count = len(items) // 2
+        iovs = self._fwdiovs
+        base = self._rxbase + skip
+        for k in range(count):
+            _IOV.pack_into(iovs, k * _IOV_SIZE, base + items[2 * k] * SLOT, items[2 * k + 1])
+        self._destmv[: len(name)] = name
+        sent: int = self._sendmmsg(fd, self._fwdaddr, count, MSG_DONTWAIT)
         return count - max(sent, 0)
 
     def flush(self, fd: int) -> int:

@@ -35,7 +35,7 @@ from ..server.core import CoreConfig, ServerCore, source_key
 from ..server.keys import IPV6_KEY_BIT, address_key
 from ..stun import Address, FramingError, StreamFramer
 from ..turn import Allocation, ChannelRoute, Quotas
-from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO
+from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO, address_to_sockaddr
 from .mmsg import available as mmsg_available
 from .relay import RelaySocket, UdpRelayBinder
 from .tls import server_context
@@ -231,6 +231,7 @@ class UdpListener:
         batch = io.batch
         now = self.worker.loop.time()
         routes = self.routes
+        forward: dict[ChannelRoute, list[int]] = {}
         for _ in range(UDP_BATCH // batch):
             n = io.recv(fd)
             for i in range(n):
@@ -247,7 +248,21 @@ class UdpListener:
                     port = (names[noff + 2] << 8) | names[noff + 3]
                     route = routes.get((((ip << 16) | port) << 16) | (first << 8) | data[1])
                     if route is not None:
-                        relay_channel_data(route, data, now)
+                        # Client to peer: checked here, sent below with one sendmmsg per route.
+                        length = (data[2] << 8) | data[3]
+                        alloc = route.allocation
+                        if (
+                            length <= len(data) - 4
+                            and route.peer_ip in alloc.permissions
+                            and (not alloc.max_bps or alloc.within_rate(length, False, now))
+                        ):
+                            alloc.bytes_to_peer += length
+                            alloc.packets_to_peer += 1
+                            group = forward.get(route)
+                            if group is None:
+                                forward[route] = [i, length]
+                            else:
+                                group += (i, length)
                         continue
                 elif names[noff] == socket.AF_INET:
                     response = fast(
@@ -265,6 +280,16 @@ class UdpListener:
                         continue
                 for action in handle(bytes(data), local, io.address(i), now):
                     send(action)
+            if forward:
+                for route, items in forward.items():
+                    name = route.io_cache
+                    if name is None:
+                        name = route.io_cache = address_to_sockaddr(route.peer)
+                    relay = cast(RelaySocket, route.relay)
+                    failed = io.send_received(relay.fd, items, 4, cast(bytes, name))
+                    if failed:
+                        core.counters.send_failed += failed
+                forward.clear()
             failed = io.flush(fd)
             if failed:
                 core.counters.send_failed += failed

@@ -82,6 +82,9 @@ class Message:
     raw: bytes = b""
     offsets: list[int] = field(default_factory=list)
     ignored_after_integrity: int = 0
+    _index: tuple[list[Attribute], int, dict[type, Attribute]] | None = field(
+        default=None, repr=False
+    )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -101,11 +104,21 @@ class Message:
         return message_type(self.method, self.cls)
 
     def get(self, kind: type[A]) -> A | None:
-        """The first attribute of this class, or None."""
-        for attr in self.attributes:
-            if type(attr) is kind:
-                return attr
-        return None
+        """The first attribute of this class, or None.
+
+        Lookups go through a table built on first use and rebuilt when ``attributes`` is
+        replaced or changes length; after replacing an item in place, assign a new list.
+        """
+        attrs = self.attributes
+        index = self._index
+        if index is None or index[0] is not attrs or index[1] != len(attrs):
+            # (Re)build the class -> first attribute table; handlers ask for many attributes
+            # of each request, and a rebuild happens only if the list was replaced or grew.
+            table: dict[type, Attribute] = {}
+            for attr in attrs:
+                table.setdefault(type(attr), attr)
+            index = self._index = (attrs, len(attrs), table)
+        return index[2].get(kind)  # type: ignore[return-value]
 
     def get_all(self, kind: type[A]) -> list[A]:
         """Every attribute of this class, in message order."""

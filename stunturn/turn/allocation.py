@@ -72,6 +72,8 @@ class ChannelRoute:
     peer_ip: int
     """ip_key of the peer: ChannelData is relayed only while its permission lasts."""
     allocation: Allocation
+    io_cache: object = None
+    """Free for the I/O layer to keep its own form of the route (e.g. a raw sockaddr)."""
 
 
 @dataclass(slots=True, eq=False)
