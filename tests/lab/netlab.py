@@ -1045,6 +1045,30 @@ def lab_session(server_ips: Sequence[str] = SERVER_IPS) -> Iterator[Lab]:
         yield lab
 
 
+@contextlib.contextmanager
+def loopback_namespace(role: str = "lo") -> Iterator[Namespace]:
+    """``require_lab()`` (skip if impossible), then one bare namespace ``stlab-PID-TOKEN-ROLE``
+    with nothing but ``lo`` up (127.0.0.1/8): no other interface, no route, IPv6 disabled as in
+    every lab namespace, so nothing started in it can send a packet anywhere but loopback.
+
+    It is a :class:`Namespace` of a :class:`Lab` that has no WAN (never opened): ``popen``,
+    ``start_thread``, ``call``, ``new_socket`` ... work as usual, and at the end, whatever
+    happened, every process started with ``popen`` (its process group) and every other process
+    still in the namespace is killed, its sockets are closed and the namespace is deleted.
+    Stale namespaces of dead runs are deleted first, as :meth:`Lab.open` does."""
+    require_lab()
+    lab = Lab()
+    cleanup_stale()
+    lab._open = True
+    _open_labs.add(lab)
+    try:
+        ns = Namespace(lab, f"{lab.prefix}-{role}", role)
+        ns._create(forwarding=False)
+        yield ns
+    finally:
+        lab.close()
+
+
 # --- small UDP helpers for tests ------------------------------------------------------------------
 
 
