@@ -1,0 +1,35 @@
+"""Sans-IO ICE (RFC 8445): candidates, the check list and its state table, the agent."""
+
+from .agent import CHECK_POLICY, IceAgent, IceState, SendDatagram, new_password, new_ufrag
+from .candidate import (
+    Candidate,
+    CandidateError,
+    CandidateType,
+    candidate_priority,
+    foundation,
+    from_sdp,
+    local_preference,
+)
+from .checklist import TRANSITIONS, LocalCandidate, Pair, PairEvent, PairState, pair_priority
+
+__all__ = [
+    "CHECK_POLICY",
+    "TRANSITIONS",
+    "Candidate",
+    "CandidateError",
+    "CandidateType",
+    "IceAgent",
+    "IceState",
+    "LocalCandidate",
+    "Pair",
+    "PairEvent",
+    "PairState",
+    "SendDatagram",
+    "candidate_priority",
+    "foundation",
+    "from_sdp",
+    "local_preference",
+    "new_password",
+    "new_ufrag",
+    "pair_priority",
+]
