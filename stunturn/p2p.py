@@ -1,0 +1,190 @@
+"""Connect two peers: the small API an app uses (ICE over stunturn's STUN/TURN clients).
+
+::
+
+    async with stunturn.p2p.connect(signaling, stun=[("stun.example.org", 3478)],
+                                    turn=["turn:turn.example.org?transport=udp"],
+                                    turn_username="u", turn_password="p") as link:
+        await link.send(b"hello")
+        data = await link.recv()
+        print(link.path)   # selected pair: types, addresses, RTT
+
+``signaling`` is anything with ``async send(message: dict)`` and ``async receive() -> dict``:
+the app's own channel (WebSocket, HTTP, a chat message...). The messages are small JSON-able
+dicts:
+
+* ``{"type": "hello", "ufrag": ..., "pwd": ..., "tie": <64-bit int>}`` - ICE credentials, and
+  a tie-breaker that decides the roles when the app does not (the larger one controls);
+* ``{"type": "candidate", "candidate": "candidate:..."}`` - one candidate in SDP syntax (trickle);
+* ``{"type": "end-of-candidates"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .aio.ice import IceConnection, TurnServerSpec
+from .ice import CandidateType, from_sdp, new_password, new_ufrag
+from .stun import Address
+
+
+class Signaling(Protocol):
+    """The app's signaling channel: ordered, reliable delivery of small dicts to the peer."""
+
+    async def send(self, message: dict[str, Any]) -> None: ...
+
+    async def receive(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    """The selected candidate pair, as an app wants to know it."""
+
+    local_type: str
+    local_address: Address
+    remote_type: str
+    remote_address: Address
+    rtt_ms: float | None
+
+    @property
+    def relayed(self) -> bool:
+        return CandidateType.RELAY.value in (self.local_type, self.remote_type)
+
+    @property
+    def kind(self) -> str:
+        return "relayed" if self.relayed else "direct"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "local": {"type": self.local_type, "address": list(self.local_address)},
+            "remote": {"type": self.remote_type, "address": list(self.remote_address)},
+            "rtt_ms": self.rtt_ms,
+        }
+
+
+class Link:
+    """A connected path to the peer: unreliable, unordered datagrams, like UDP."""
+
+    def __init__(self, connection: IceConnection) -> None:
+        self._connection = connection
+
+    async def send(self, data: bytes) -> None:
+        self._connection.send(data)
+
+    async def recv(self) -> bytes:
+        return await self._connection.recv()
+
+    @property
+    def path(self) -> Path:
+        pair = self._connection.agent.selected
+        if pair is None:
+            raise ConnectionError("not connected")
+        local = pair.valid_local or pair.local
+        rtt = pair.rtt * 1000 if pair.rtt is not None else None
+        return Path(
+            local.candidate.type.value,
+            local.candidate.address,
+            pair.remote.type.value,
+            pair.remote.address,
+            rtt,
+        )
+
+    @property
+    def connection(self) -> IceConnection:
+        return self._connection
+
+
+def parse_turn(
+    urls: Sequence[str], username: str | None, password: str | None
+) -> list[TurnServerSpec]:
+    specs: list[TurnServerSpec] = []
+    if not urls:
+        return specs
+    from .turn.url import parse_ice_server  # noqa: PLC0415 - optional part
+
+    for url in urls:
+        server = parse_ice_server(url)
+        if username is None or password is None:
+            raise ValueError(f"TURN server {url} needs a username and a password")
+        specs.append(TurnServerSpec(server, username, password))
+    return specs
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    signaling: Signaling,
+    *,
+    stun: Sequence[Address] = (),
+    turn: Sequence[str] = (),
+    turn_username: str | None = None,
+    turn_password: str | None = None,
+    controlling: bool | None = None,
+    include_loopback: bool = False,
+    host_addresses: list[str] | None = None,
+    timeout: float = 30.0,
+    **agent_options: Any,
+) -> AsyncIterator[Link]:
+    """Gather, exchange candidates over ``signaling``, run ICE, yield a :class:`Link`.
+
+    Raises ConnectionError when no path works (ICE declares failure within its
+    ``failure_timeout``, 10 s by default, once checks have started).
+    """
+    tie = int.from_bytes(os.urandom(8), "big")
+    ufrag, pwd = new_ufrag(), new_password()
+    await signaling.send({"type": "hello", "tie": tie, "ufrag": ufrag, "pwd": pwd})
+    hello = await _expect(signaling, "hello")
+    role = controlling if controlling is not None else tie > int(hello["tie"])
+    conn = IceConnection(
+        role,
+        stun=list(stun),
+        turn=parse_turn(turn, turn_username, turn_password),
+        include_loopback=include_loopback,
+        host_addresses=host_addresses,
+        tie_breaker=tie,
+        ufrag=ufrag,
+        password=pwd,
+        **agent_options,
+    )
+    try:
+        conn.set_remote_credentials(str(hello["ufrag"]), str(hello["pwd"]))
+
+        async def send_candidates() -> None:
+            async for cand in conn.gather():
+                await signaling.send({"type": "candidate", "candidate": cand.to_sdp()})
+            await signaling.send({"type": "end-of-candidates"})
+
+        async def receive_candidates() -> None:
+            while True:
+                message = await signaling.receive()
+                if message.get("type") == "end-of-candidates":
+                    conn.add_remote_candidate(None)
+                    return
+                if message.get("type") == "candidate":
+                    with contextlib.suppress(ValueError):
+                        conn.add_remote_candidate(from_sdp(str(message["candidate"])))
+
+        sender = asyncio.ensure_future(send_candidates())
+        receiver = asyncio.ensure_future(receive_candidates())
+        try:
+            await asyncio.wait_for(conn.connect(), timeout)
+        finally:
+            for task in (sender, receiver):
+                if not task.done():
+                    task.cancel()
+        await conn.bind_relay_channel()
+        yield Link(conn)
+    finally:
+        await conn.close()
+
+
+async def _expect(signaling: Signaling, kind: str) -> dict[str, Any]:
+    while True:
+        message = await signaling.receive()
+        if message.get("type") == kind:
+            return message
