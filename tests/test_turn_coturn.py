@@ -200,7 +200,11 @@ def test_uclient_relays_without_loss(
     assert code == 0, out[-3000:]
     result = totals(out)
     assert result == Totals(CLIENTS * MESSAGES, CLIENTS * MESSAGES, 0, 0), out[-3000:]
-    assert "ERROR" not in out and "error" not in out, out[-3000:]
+    # The server is shared by these runs: when the OS hands uclient a source port whose
+    # 5-tuple still holds an allocation from an earlier run, the RFC answer is 437 and uclient
+    # retries on another port by itself ("trying allocate again 437"). Nothing else may fail.
+    others = [line for line in out.splitlines() if ("error" in line.lower()) and "437" not in line]
+    assert not others, out[-3000:]
     # Each session allocated through us (plus uclient's probe allocations).
     assert wait_allocations(server, before + CLIENTS) >= before + CLIENTS
     assert server.proc.poll() is None
