@@ -20,6 +20,8 @@ from stunturn.auth import SqliteUsers, random_password, rest_password, rest_user
 from stunturn.config import ConfigError, ServerConfig, build_config, load_toml
 from stunturn.logsetup import configure_logging
 
+from .p2p import p2p as p2p_command
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stunturn")
@@ -298,6 +300,9 @@ def check_peer(address: str, config_file: str | None, **options: Any) -> None:
     decision = peer_policy(config).check(host, port)
     click.echo(f"{address}: {decision}")
     sys.exit(0 if decision.allowed else 1)
+
+
+cli.add_command(p2p_command)
 
 
 def main() -> None:

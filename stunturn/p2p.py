@@ -132,16 +132,23 @@ async def connect(
 ) -> AsyncIterator[Link]:
     """Gather, exchange candidates over ``signaling``, run ICE, yield a :class:`Link`.
 
-    Raises ConnectionError when no path works (ICE declares failure within its
-    ``failure_timeout``, 10 s by default, once checks have started).
+    With ``controlling`` given (e.g. the offerer controls), nothing waits for the peer before
+    gathering starts, so one-shot signaling (copy and paste) works; without it, the first
+    exchange of ``hello`` messages decides the roles. Raises ConnectionError when no path works
+    (ICE declares failure within its ``failure_timeout``, 10 s by default, once checks have
+    started), TimeoutError after ``timeout`` seconds in all.
     """
     tie = int.from_bytes(os.urandom(8), "big")
     ufrag, pwd = new_ufrag(), new_password()
     await signaling.send({"type": "hello", "tie": tie, "ufrag": ufrag, "pwd": pwd})
-    hello = await _expect(signaling, "hello")
-    role = controlling if controlling is not None else tie > int(hello["tie"])
+    early: list[dict[str, Any]] = []
+    if controlling is None:
+        # The roles need both tie-breakers; anything that arrives before the hello is kept.
+        hello = await _expect(signaling, "hello", early)
+        controlling = tie > int(hello["tie"])
+        early.insert(0, hello)
     conn = IceConnection(
-        role,
+        controlling,
         stun=list(stun),
         turn=parse_turn(turn, turn_username, turn_password),
         include_loopback=include_loopback,
@@ -151,28 +158,42 @@ async def connect(
         password=pwd,
         **agent_options,
     )
+    credentials = asyncio.Event()
     try:
-        conn.set_remote_credentials(str(hello["ufrag"]), str(hello["pwd"]))
 
         async def send_candidates() -> None:
             async for cand in conn.gather():
                 await signaling.send({"type": "candidate", "candidate": cand.to_sdp()})
             await signaling.send({"type": "end-of-candidates"})
 
+        def handle(message: dict[str, Any]) -> bool:
+            kind = message.get("type")
+            if kind == "hello":
+                conn.set_remote_credentials(str(message["ufrag"]), str(message["pwd"]))
+                credentials.set()
+            elif kind == "candidate":
+                with contextlib.suppress(ValueError, KeyError):
+                    conn.add_remote_candidate(from_sdp(str(message["candidate"])))
+            elif kind == "end-of-candidates":
+                conn.add_remote_candidate(None)
+                return True
+            return False
+
         async def receive_candidates() -> None:
-            while True:
-                message = await signaling.receive()
-                if message.get("type") == "end-of-candidates":
-                    conn.add_remote_candidate(None)
+            for message in early:
+                if handle(message):
                     return
-                if message.get("type") == "candidate":
-                    with contextlib.suppress(ValueError):
-                        conn.add_remote_candidate(from_sdp(str(message["candidate"])))
+            while not handle(await signaling.receive()):
+                pass
+
+        async def run() -> None:
+            await credentials.wait()
+            await conn.connect()
 
         sender = asyncio.ensure_future(send_candidates())
         receiver = asyncio.ensure_future(receive_candidates())
         try:
-            await asyncio.wait_for(conn.connect(), timeout)
+            await asyncio.wait_for(run(), timeout)
         finally:
             for task in (sender, receiver):
                 if not task.done():
@@ -183,8 +204,10 @@ async def connect(
         await conn.close()
 
 
-async def _expect(signaling: Signaling, kind: str) -> dict[str, Any]:
+async def _expect(signaling: Signaling, kind: str, early: list[dict[str, Any]]) -> dict[str, Any]:
+    """The next message of ``kind``; others received meanwhile are appended to ``early``."""
     while True:
         message = await signaling.receive()
         if message.get("type") == kind:
             return message
+        early.append(message)
