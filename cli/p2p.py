@@ -230,7 +230,7 @@ def p2p(
                 include_loopback,
                 list(hosts) or None,
                 timeout,
-            )  # fmt: skip
+            )
         )
     except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
         message = str(exc) or type(exc).__name__
