@@ -32,6 +32,7 @@ from ..stun import Address, Message, MessageClass, Method, StunParseError, decod
 from ..stun.attributes import XorMappedAddress
 from ..stun.transaction import ClientTransaction, RetransmitPolicy
 from .netif import interface_addresses
+from .turnclient import TurnClient, TurnClientError
 
 if TYPE_CHECKING:
     from ..turn.url import IceServer
@@ -235,8 +236,6 @@ class IceConnection:
             self._add_local(cand, host.base_id, host.address)
 
     async def _gather_relay(self, spec: TurnServerSpec, index: int) -> None:
-        from .turnclient import TurnClient  # noqa: PLC0415 - only needed with TURN servers
-
         base_id = self._new_base()
 
         def on_data(peer: Address, data: bytes) -> None:
@@ -349,7 +348,11 @@ class IceConnection:
                 continue
             relay = self._relays.get(action.base_id)
             if relay is not None:
-                relay.send(action.destination, action.data)
+                try:
+                    relay.send(action.destination, action.data)
+                except TurnClientError as exc:  # the allocation died: one base fewer
+                    log.info("relayed base %d lost: %s", action.base_id, exc)
+                    del self._relays[action.base_id]
         self._after_event()
 
     def _after_event(self) -> None:

@@ -377,6 +377,12 @@ class StreamConnection(asyncio.Protocol):
         self._idle = self.worker.loop.call_later(STREAM_IDLE_TIMEOUT, self._on_idle)
 
     def _on_idle(self) -> None:
+        turn = self.worker.core.turn
+        if turn is not None and (self.kind, self.remote, self.local) in turn.allocations:
+            # The allocation's own lifetime bounds this connection (RFC 8656 section 3.1:
+            # closing it would delete the allocation); clients refresh only near expiry.
+            self._arm_idle()
+            return
         if self.transport is not None:
             self.transport.close()
 

@@ -54,6 +54,7 @@ from ..stun.attributes import (
     Fingerprint,
     IceControlled,
     IceControlling,
+    MessageIntegrity,
     Priority,
     UnknownAttributes,
     UseCandidate,
@@ -141,7 +142,10 @@ class IceAgent:
         self.selected: Pair | None = None
         self.failure_reason: str | None = None
         self._triggered: deque[Pair] = deque()
-        self._checks: dict[bytes, Pair] = {}
+        self._checks: dict[bytes, tuple[Pair, ClientTransaction, bool, bool]] = {}
+        """tid -> (pair, transaction, our role when sent, USE-CANDIDATE). A check replaced by
+        a triggered one stays here: it is no longer retransmitted, but its answer still counts
+        (RFC 8445 section 7.3.1.4)."""
         self._consent: dict[bytes, ClientTransaction] = {}
         self._started: float | None = None
         self._next_check = 0.0
@@ -254,11 +258,9 @@ class IceAgent:
             msg.attributes.append(UseCandidate())
         data = msg.encode(short_term_key(self.remote_password), fingerprint=True)
         tx = ClientTransaction(msg.transaction_id, data, pair.remote.address, self.check_policy)
-        if pair.transaction is not None:
-            self._checks.pop(pair.transaction.tid, None)
         pair.transaction = tx
         pair.nominating = nominate
-        self._checks[tx.tid] = pair
+        self._checks[tx.tid] = (pair, tx, self.controlling, nominate)
         advance(pair, PairEvent.CHECK)
         self._out.append(SendDatagram(pair.local.base_id, pair.remote.address, tx.start(now)))
 
@@ -325,8 +327,8 @@ class IceAgent:
         candidates, queue a triggered check, note USE-CANDIDATE."""
         username = msg.get(Username)
         key = short_term_key(self.local_password)
-        if username is None or msg.get(Fingerprint) is None:
-            self._error(msg, base_id, source, 400)
+        if username is None or msg.get(Fingerprint) is None or msg.get(MessageIntegrity) is None:
+            self._error(msg, base_id, source, 400)  # RFC 8489 section 9.1.3
             return
         if not username.value.startswith(self.local_ufrag + ":") or not check_integrity(msg, key):
             self._error(msg, base_id, source, 401)
@@ -413,18 +415,23 @@ class IceAgent:
         if msg.transaction_id in self._consent:
             self._on_consent_response(msg, base_id, source, now)
             return
-        pair = self._checks.get(msg.transaction_id)
-        if pair is None or pair.transaction is None or self.remote_password is None:
+        entry = self._checks.get(msg.transaction_id)
+        if entry is None or self.remote_password is None:
             return
+        pair, tx, sent_controlling, nominating = entry
         if not check_integrity(msg, short_term_key(self.remote_password)):
             return  # a forged or corrupted answer is no answer (section 7.2.5.1)
-        del self._checks[msg.transaction_id]
-        tx, pair.transaction = pair.transaction, None
+        for tid in [t for t, e in self._checks.items() if e[0] is pair]:
+            del self._checks[tid]
+        pair.transaction = None
+        pair.nominating = False
         if msg.cls is MessageClass.ERROR:
             code = msg.get(ErrorCode)
             if code is not None and code.code == 487:
-                # Section 7.2.5.1: switch role, check the pair again.
-                self._switch_role(not self.controlling)
+                # Section 7.2.5.1: take the role opposite to the one the request carried, if
+                # not done already, and check the pair again.
+                if self.controlling == sent_controlling:
+                    self._switch_role(not sent_controlling)
                 advance(pair, PairEvent.TRIGGER)
                 self._triggered.append(pair)
                 self._wake(now)
@@ -445,7 +452,7 @@ class IceAgent:
         for other in self.pairs.values():
             if other.state is PairState.FROZEN and other.foundation == pair.foundation:
                 advance(other, PairEvent.UNFREEZE)
-        if pair.nominating and self.controlling:
+        if nominating and self.controlling:
             pair.nominated = True
             self._select(pair, now)
         elif not self.controlling and pair.use_candidate_seen and self.selected is None:
@@ -516,7 +523,7 @@ class IceAgent:
         self._next_consent = now + self._consent_delay()
         log.info("ICE connected over %s (rtt %s)", pair.describe(), pair.rtt)
         # Stop checking other pairs (section 8.3): their transactions are abandoned.
-        self._checks = {tid: p for tid, p in self._checks.items() if p is pair}
+        self._checks = {tid: e for tid, e in self._checks.items() if e[0] is pair}
         self._triggered.clear()
 
     def _consent_delay(self) -> float:
@@ -559,9 +566,12 @@ class IceAgent:
         self._last_tick = now
         if self.state in (IceState.FAILED, IceState.CLOSED, IceState.NEW):
             return self._flush()
-        for tid, pair in list(self._checks.items()):
-            tx = pair.transaction
-            if tx is None or now < tx.deadline:
+        for tid, (pair, tx, _, _) in list(self._checks.items()):
+            if tx is not pair.transaction:  # cancelled by a triggered check: answers still count
+                if now >= tx.started + self.check_policy.total():
+                    del self._checks[tid]
+                continue
+            if now < tx.deadline:
                 continue
             data = tx.on_timer(now)
             if data is not None:
@@ -589,7 +599,7 @@ class IceAgent:
             if self.selected is None and now >= self._started + self.failure_timeout:
                 self._fail(f"no working candidate pair after {self.failure_timeout:g} s", now)
         elif self.state is IceState.CONNECTED:
-            if now - self._last_consent > self.consent_timeout:
+            if now >= self._last_consent + self.consent_timeout:
                 self._fail("consent expired (RFC 7675)", now)
             elif now >= self._next_consent:
                 self._send_consent(now)
@@ -599,7 +609,7 @@ class IceAgent:
     def next_deadline(self) -> float | None:
         if self.state in (IceState.FAILED, IceState.CLOSED, IceState.NEW):
             return None
-        times = [p.transaction.deadline for p in self._checks.values() if p.transaction]
+        times = [tx.deadline for p, tx, _, _ in self._checks.values() if tx is p.transaction]
         times += [tx.deadline for tx in self._consent.values()]
         if self.state is IceState.CHECKING:
             assert self._started is not None

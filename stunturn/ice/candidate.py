@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -115,6 +116,9 @@ class Candidate:
         return replace(self, priority=priority)
 
 
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
 class CandidateError(ValueError):
     """A candidate line that does not parse."""
 
@@ -133,11 +137,13 @@ def from_sdp(line: str) -> Candidate:
     fields = text[len("candidate:") :].split()
     if len(fields) < 8 or fields[6] != "typ":
         raise CandidateError(f"malformed candidate: {line!r}")
+    if not all(_DIGITS.fullmatch(fields[i]) for i in (1, 3, 5)):
+        raise CandidateError(f"malformed numbers in candidate: {line!r}")
+    component, priority, port = int(fields[1]), int(fields[3]), int(fields[5])
     try:
-        component, priority, port = int(fields[1]), int(fields[3]), int(fields[5])
         kind = CandidateType(fields[7])
     except ValueError:
-        raise CandidateError(f"malformed candidate: {line!r}") from None
+        raise CandidateError(f"unknown candidate type in: {line!r}") from None
     if not (1 <= component <= 256 and 0 <= priority < 2**32 and 0 <= port <= 65535):
         raise CandidateError(f"candidate values out of range: {line!r}")
     related_host = related_port = None
@@ -149,10 +155,9 @@ def from_sdp(line: str) -> Candidate:
         if name == "raddr":
             related_host = value
         elif name == "rport":
-            try:
-                related_port = int(value)
-            except ValueError:
-                raise CandidateError(f"bad rport in candidate: {line!r}") from None
+            if not _DIGITS.fullmatch(value) or int(value) > 65535:
+                raise CandidateError(f"bad rport in candidate: {line!r}")
+            related_port = int(value)
         else:
             extensions.append((name, value))
     return Candidate(

@@ -142,6 +142,8 @@ class _Event:
     source: Address = field(compare=False)
     destination: Address = field(compare=False)
     data: bytes = field(compare=False)
+    lan: SimNat | None = field(default=None, compare=False)
+    """Set when the datagram travels inside that NAT's LAN (same LAN, or hairpinned)."""
 
 
 class SimNetwork:
@@ -180,6 +182,12 @@ class SimNetwork:
             if destination[0] == nat.public_ip and nat.translate:
                 self._hairpin(nat, source, destination, data, now)
                 return
+            peer = self._hosts.get(destination)
+            if peer is not None and peer[1] is nat and nat.translate:
+                # Another host on the same LAN: delivered directly, untranslated.
+                heapq.heappush(self._queue, _Event(now + self.delay, next(self._seq), source,
+                                                   destination, data, nat))  # fmt: skip
+                return
             source = nat.outbound(source, destination, now)
         heapq.heappush(self._queue, _Event(now + self.delay, next(self._seq), source,
                                            destination, data))  # fmt: skip
@@ -197,7 +205,7 @@ class SimNetwork:
             return
         shown = source if nat.hairpin_internal_source else external
         heapq.heappush(self._queue, _Event(now + self.delay, next(self._seq), shown, inside,
-                                           data))  # fmt: skip
+                                           data, nat))  # fmt: skip
 
     def next_time(self) -> float | None:
         return self._queue[0].when if self._queue else None
@@ -214,15 +222,18 @@ class SimNetwork:
             handler(ev.source, ev.destination, ev.data, ev.when)
             return
         destination = ev.destination
+        through = ev.lan
         nat = self._nats.get(destination[0])
-        if nat is not None:
+        if nat is not None and ev.lan is None:
             inside = nat.inbound(ev.source, destination[1], ev.when)
             if inside is None:
                 self.dropped += 1
                 return
             destination = inside
+            through = nat
         host = self._hosts.get(destination)
-        if host is None:
+        if host is None or (host[1] is not None and host[1] is not through):
+            # A private address is only reachable through its own NAT (or from its own LAN).
             self.dropped += 1
             return
         host[0](ev.source, destination, ev.data, ev.when)
