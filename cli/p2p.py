@@ -132,6 +132,7 @@ async def run_p2p(
     include_loopback: bool,
     hosts: list[str] | None,
     timeout: float,
+    relay_only: bool = False,
 ) -> dict[str, Any]:
     """Connect, exchange ``count`` messages each way, return the report."""
     started = time.monotonic()
@@ -144,6 +145,7 @@ async def run_p2p(
         controlling=role == "offer",
         include_loopback=include_loopback,
         host_addresses=hosts,
+        relay_only=relay_only,
         timeout=timeout,
     ) as link:
         connected = time.monotonic()
@@ -198,6 +200,7 @@ async def run_p2p(
 @click.option("--host", "hosts", multiple=True, metavar="IP",
               help="Only these local addresses as host candidates.")  # fmt: skip
 @click.option("--include-loopback", is_flag=True, help="Offer loopback addresses too.")
+@click.option("--relay-only", is_flag=True, help="Offer relayed candidates only.")
 @click.option("--timeout", type=click.FloatRange(1, 600), default=60, show_default=True,
               help="Give up after this many seconds (signaling included).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -211,6 +214,7 @@ def p2p(
     count: int,
     hosts: tuple[str, ...],
     include_loopback: bool,
+    relay_only: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -230,6 +234,7 @@ def p2p(
                 include_loopback,
                 list(hosts) or None,
                 timeout,
+                relay_only,
             )
         )
     except (ConnectionError, TimeoutError, OSError, ValueError) as exc:

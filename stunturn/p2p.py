@@ -127,6 +127,7 @@ async def connect(
     controlling: bool | None = None,
     include_loopback: bool = False,
     host_addresses: list[str] | None = None,
+    relay_only: bool = False,
     timeout: float = 30.0,
     **agent_options: Any,
 ) -> AsyncIterator[Link]:
@@ -153,6 +154,7 @@ async def connect(
         turn=parse_turn(turn, turn_username, turn_password),
         include_loopback=include_loopback,
         host_addresses=host_addresses,
+        relay_only=relay_only,
         tie_breaker=tie,
         ufrag=ufrag,
         password=pwd,

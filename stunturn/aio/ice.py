@@ -77,6 +77,7 @@ class IceConnection:
         stun: STUN servers for server-reflexive candidates.
         turn: TURN servers for relayed candidates.
         include_loopback: also use loopback addresses as host candidates (tests, one machine).
+        relay_only: offer relayed candidates only (hide local addresses, force the relay).
         host_addresses: use exactly these local addresses instead of enumerating interfaces.
         agent_options: passed to :class:`IceAgent` (e.g. ``failure_timeout``).
     """
@@ -90,6 +91,7 @@ class IceConnection:
         include_loopback: bool = False,
         host_addresses: list[str] | None = None,
         tie_breaker: int | None = None,
+        relay_only: bool = False,
         **agent_options: Any,
     ) -> None:
         self.agent = IceAgent(controlling, tie_breaker=tie_breaker, **agent_options)
@@ -97,6 +99,8 @@ class IceConnection:
         self.turn = list(turn)
         self.include_loopback = include_loopback
         self.host_addresses = host_addresses
+        self.relay_only = relay_only
+        """Gather relayed candidates only (like WebRTC's iceTransportPolicy "relay")."""
         self.loop = asyncio.get_running_loop()
         self._hosts: dict[int, _HostSocket] = {}
         self._relays: dict[int, Any] = {}
@@ -160,7 +164,7 @@ class IceConnection:
 
     async def _gather_all(self) -> None:
         try:
-            for index, ip in enumerate(self._usable_addresses()):
+            for index, ip in enumerate([] if self.relay_only else self._usable_addresses()):
                 host = self._open_host(ip)
                 if host is None:
                     continue
