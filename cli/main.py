@@ -47,9 +47,13 @@ SERVER_OPTIONS = (
     ("--listen", {"multiple": True, "metavar": "HOST:PORT",
                   "help": "UDP and TCP address (repeatable). Default 0.0.0.0:3478, [::]:3478."}),
     ("--tls-listen", {"multiple": True, "metavar": "HOST:PORT",
-                      "help": "TLS address (repeatable), e.g. 0.0.0.0:5349 or 0.0.0.0:443."}),
-    ("--cert", {"type": click.Path(dir_okay=False), "help": "TLS certificate chain (PEM)."}),
+                      "help": "TLS address (repeatable), e.g. 0.0.0.0:443. Default with a "
+                              "certificate: port 5349 of each listen address."}),
+    ("--cert", {"type": click.Path(dir_okay=False),
+                "help": "TLS certificate chain (PEM); reloaded on SIGHUP."}),
     ("--key", {"type": click.Path(dir_okay=False), "help": "TLS private key (PEM)."}),
+    ("--self-signed", {"is_flag": True, "default": None,
+                       "help": "Serve TLS with a self-signed certificate made at start."}),
     ("--alt-address", {"metavar": "IP",
                        "help": "Second IP for RFC 5780 (listens on 2 IPs x 2 ports)."}),
     ("--udp/--no-udp", {"default": None, "help": "Serve UDP on the listen addresses."}),
@@ -83,6 +87,27 @@ SERVER_OPTIONS = (
     ("--channel-quota", {"metavar": "N", "help": "Channels per allocation. Default 64."}),
     ("--max-bps", {"metavar": "N", "help": "Bytes/s per allocation each way (0 = no limit)."}),
     ("--nonce-secret", {"metavar": "TEXT", "help": "Nonce HMAC secret (default random)."}),
+    ("--peer-connection-quota", {"metavar": "N",
+                                 "help": "RFC 6062 TCP peer connections per allocation. "
+                                         "Default 64."}),
+    ("--connection-quota", {"metavar": "N",
+                            "help": "TCP/TLS client connections in total (0 = no limit). "
+                                    "Default 10000."}),
+    ("--ip-connection-quota", {"metavar": "N",
+                               "help": "TCP/TLS connections per client IP (0 = no limit). "
+                                       "Default 256."}),
+    ("--idle-timeout", {"metavar": "S",
+                        "help": "Close a TCP/TLS connection silent this long (one holding an "
+                                "allocation lives as long as it). Default 300."}),
+    ("--handshake-timeout", {"metavar": "S",
+                             "help": "Time for the TLS handshake and the first message. "
+                                     "Default 10."}),
+    ("--message-timeout", {"metavar": "S",
+                           "help": "Time to finish a message once begun. Default 10."}),
+    ("--stream-buffer", {"metavar": "BYTES",
+                         "help": "Unsent bytes a connection may hold before reading from it "
+                                 "pauses (and relayed datagrams for it are dropped). "
+                                 "Default 262144."}),
     ("--log-level", {"metavar": "LEVEL", "help": "debug, info, warning or error."}),
     ("--log-format", {"metavar": "FORMAT", "help": "text or json (default text)."}),
 )  # fmt: skip
@@ -118,10 +143,11 @@ def serve(config_file: str | None, **options: Any) -> None:
         return
     configure_logging(config.log_level, config.log_format)
     with tempfile.TemporaryDirectory(prefix="stunturn-") as tmp:
-        if config.tls_listen and config.cert is None:
-            cert, key, fingerprint = make_self_signed(tmp)
+        if config.self_signed:
+            ips = [ep.host for ep in (*config.listen, *config.tls_listen) if not ep.is_wildcard]
+            cert, key, fingerprint = make_self_signed(tmp, ips=[*ips, "127.0.0.1", "::1"])
             click.echo(f"TLS: self-signed certificate, SHA-256 fingerprint {fingerprint}")
-            config = build_config(*layers, given, {"cert": cert, "key": key})
+            config = build_config(*layers, given, {"cert": cert, "key": key, "self_signed": False})
         _run(config)
 
 

@@ -91,6 +91,7 @@ class ServerConfig:
     tls_listen: tuple[Endpoint, ...] = ()
     cert: str | None = None
     key: str | None = None
+    self_signed: bool = False
     alt_address: str | None = None
     udp: bool = True
     tcp: bool = True
@@ -121,6 +122,14 @@ class ServerConfig:
     channel_quota: int = 64
     max_bps: int = 0
     nonce_secret: str | None = None
+    peer_connection_quota: int = 64
+    # --- TCP and TLS connections ----------------------------------------------------------
+    connection_quota: int = 10_000
+    ip_connection_quota: int = 256
+    idle_timeout: float = 300.0
+    handshake_timeout: float = 10.0
+    message_timeout: float = 10.0
+    stream_buffer: int = 256 * 1024
 
     @property
     def has_credentials(self) -> bool:
@@ -133,8 +142,12 @@ class ServerConfig:
             raise ConfigError("listen", "at least one listen or tls-listen address is needed")
         if (self.cert is None) != (self.key is None):
             raise ConfigError("cert" if self.cert is None else "key", "give both cert and key")
-        if self.cert is not None and not self.tls_listen:
-            raise ConfigError("tls-listen", "cert and key are given but no tls-listen address")
+        if self.cert is not None and self.self_signed:
+            raise ConfigError("self-signed", "give either cert and key or self-signed, not both")
+        if self.tls_listen and self.cert is None and not self.self_signed:
+            raise ConfigError(
+                "tls-listen", "TLS needs a certificate: give cert and key, or self-signed"
+            )
         for name in ("cert", "key", "user_db"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
@@ -162,6 +175,18 @@ class ServerConfig:
         ):
             raise ConfigError("relay-ip", "give at most one IPv4 and one IPv6 relay address")
         return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_listen or self.cert is not None or self.self_signed)
+
+    def with_tls_defaults(self) -> ServerConfig:
+        """With a certificate (or ``self-signed``) but no ``tls-listen``: TLS on port 5349 of
+        every listen address."""
+        if self.tls_listen or not (self.cert is not None or self.self_signed):
+            return self
+        tls = tuple(dict.fromkeys(Endpoint(ep.host, DEFAULT_TLS_PORT) for ep in self.listen))
+        return replace(self, tls_listen=tls)
 
     def primary_for(self, alt: Endpoint) -> Endpoint | None:
         """The listen address RFC 5780 pairs with the alternate IP."""
@@ -192,6 +217,13 @@ def _as_float(name: str, value: Any, low: float) -> float:
         raise ConfigError(name, f"must be a number, got {value!r}") from None
     if not number >= low:  # also refuses NaN
         raise ConfigError(name, f"must be >= {low}, got {value!r}")
+    return number
+
+
+def _as_seconds(name: str, value: Any, low: float, high: float) -> float:
+    number = _as_float(name, value, low)
+    if number > high:
+        raise ConfigError(name, f"must be <= {high:g}, got {value!r}")
     return number
 
 
@@ -286,6 +318,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "tls_listen": _endpoints(DEFAULT_TLS_PORT),
     "cert": _as_str,
     "key": _as_str,
+    "self_signed": _as_bool,
     "alt_address": _as_ip,
     "udp": _as_bool,
     "tcp": _as_bool,
@@ -315,6 +348,13 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "channel_quota": _int(0, 4096),
     "max_bps": _int(0, 10**12),
     "nonce_secret": _as_str,
+    "peer_connection_quota": _int(0, 100_000),
+    "connection_quota": _int(0, 10_000_000),
+    "ip_connection_quota": _int(0, 10_000_000),
+    "idle_timeout": lambda name, value: _as_seconds(name, value, 1.0, 86_400.0),
+    "handshake_timeout": lambda name, value: _as_seconds(name, value, 0.5, 600.0),
+    "message_timeout": lambda name, value: _as_seconds(name, value, 0.5, 600.0),
+    "stream_buffer": _int(4096, 1 << 30),
 }
 """Field name -> converter(display name, raw value); every field of ServerConfig has one."""
 
@@ -339,7 +379,7 @@ def build_config(*layers: Mapping[str, Any]) -> ServerConfig:
             if name not in FIELD_NAMES:
                 raise ConfigError(raw_key, "unknown setting")
             values[name] = _convert(name, raw_value)
-    return replace(ServerConfig(), **values).validate()
+    return replace(ServerConfig(), **values).with_tls_defaults().validate()
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -133,6 +133,7 @@ def test_string_values_are_converted() -> None:
         {
             "listen": "127.0.0.1:9",
             "tls-listen": ["127.0.0.1"],
+            "self-signed": True,
             "workers": "4",
             "response-burst": "10",
             "response-rate": "0",
@@ -228,10 +229,12 @@ def test_every_validation_error_names_its_field(layer: dict[str, Any], field: st
 
 
 def test_tls_file_errors_name_their_field(tmp_path: Path) -> None:
-    """cert/key without tls-listen names tls-listen; a missing file names cert or key."""
+    """tls-listen without a certificate names tls-listen; a missing file names cert or key;
+    cert and self-signed together name self-signed."""
     cert, key = _cert_files(tmp_path)
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"cert": cert, "key": key}, "tls-listen"),
+        ({"tls-listen": ["127.0.0.1:0"]}, "tls-listen"),
+        ({"cert": cert, "key": key, "self-signed": True}, "self-signed"),
         ({"tls-listen": ["127.0.0.1:0"], "cert": str(tmp_path / "none"), "key": key}, "cert"),
         ({"tls-listen": ["127.0.0.1:0"], "cert": cert, "key": str(tmp_path / "none")}, "key"),
     ]
@@ -243,11 +246,29 @@ def test_tls_file_errors_name_their_field(tmp_path: Path) -> None:
     assert ok.cert == cert and ok.key == key
 
 
+def test_tls_default_ports(tmp_path: Path) -> None:
+    """A certificate (or self-signed) without tls-listen serves TLS on port 5349 of every
+    listen address; TCP stays on the listen port (3478 by default)."""
+    cert, key = _cert_files(tmp_path)
+    config = build_config({"cert": cert, "key": key})
+    assert config.tls_listen == (
+        Endpoint("0.0.0.0", DEFAULT_TLS_PORT),
+        Endpoint("::", DEFAULT_TLS_PORT),
+    )
+    assert config.tcp and config.listen[0].port == DEFAULT_PORT
+    config = build_config({"listen": ["192.0.2.1:3478"], "self-signed": True})
+    assert config.tls_listen == (Endpoint("192.0.2.1", DEFAULT_TLS_PORT),)
+    config = build_config({"self-signed": True, "tls-listen": ["0.0.0.0:443"]})
+    assert config.tls_listen == (Endpoint("0.0.0.0", 443),)
+    assert build_config({}).tls_listen == ()
+
+
 def test_tls_only_server_is_valid() -> None:
     """No UDP/TCP listen addresses is fine when a TLS address is given."""
-    config = build_config({"listen": [], "tls-listen": ["127.0.0.1:0"]})
+    config = build_config({"listen": [], "tls-listen": ["127.0.0.1:0"], "self-signed": True})
     assert config.listen == () and config.tls_listen == (Endpoint("127.0.0.1", 0),)
-    assert build_config({"udp": False, "tcp": False, "tls-listen": ["[::1]:0"]}).tls_listen
+    layer = {"udp": False, "tcp": False, "tls-listen": ["[::1]:0"], "self-signed": True}
+    assert build_config(layer).tls_listen
 
 
 def test_software_too_long_is_refused() -> None:

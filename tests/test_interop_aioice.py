@@ -181,7 +181,9 @@ def test_aioice_transaction_over_streams(
     runs any STUN transaction) completes a Binding transaction with our server over TCP and
     over TLS (self-signed certificate, not verified), and gets the right mapped address."""
     args = ["--listen", "127.0.0.1:0", "--workers", "1"]
-    server = stunturn_server(*args, *(["--tls-listen", "127.0.0.1:0"] if tls else []), loop=loop)
+    server = stunturn_server(
+        *args, *(["--tls-listen", "127.0.0.1:0", "--self-signed"] if tls else []), loop=loop
+    )
     target = server.addr("tls" if tls else "tcp")
     response, local = asyncio.run(_tcp_transaction(target, tls))
     assert response.message_class == astun.Class.RESPONSE

@@ -169,7 +169,9 @@ def test_uclient_reads_our_error_over_streams(
     no relay)."""
     assert UCLIENT is not None
     args = ["--listen", "127.0.0.1:0", "--workers", "1", "--no-turn"]
-    server = stunturn_server(*args, *(["--tls-listen", "127.0.0.1:0"] if tls else []), loop=loop)
+    server = stunturn_server(
+        *args, *(["--tls-listen", "127.0.0.1:0", "--self-signed"] if tls else []), loop=loop
+    )
     port = server.addr("tls" if tls else "tcp", "127.0.0.1")[1]
     flags = ["-t", "-S"] if tls else ["-t"]
     result = run_tool(

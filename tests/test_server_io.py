@@ -90,8 +90,8 @@ def stream_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module", params=STREAM_LOOPS)
 def tls_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    """TLS on 127.0.0.1 and ::1 with the certificate the server makes itself (no --cert)."""
-    args = ["--listen", "127.0.0.1:0", "--workers", "1"]
+    """TLS on 127.0.0.1 and ::1 with the certificate the server makes itself (--self-signed)."""
+    args = ["--listen", "127.0.0.1:0", "--workers", "1", "--self-signed"]
     args += ["--tls-listen", "127.0.0.1:0", "--tls-listen", "[::1]:0"]
     with ServerProcess(args, loop=request.param) as s:
         s.wait_ready()
@@ -380,7 +380,9 @@ def test_tls_refuses_tls_1_1(stunturn_server: StartServer, tmp_path: Path) -> No
     showing that same client completes a TLS 1.1 handshake with a permissive server)."""
     if not _can_speak_tls11(tmp_path):
         pytest.skip("this OpenSSL build cannot do TLS 1.1 at all, so there is nothing to refuse")
-    server = stunturn_server("--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0")
+    server = stunturn_server(
+        "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--self-signed"
+    )  # fmt: skip
     with pytest.raises((ssl.SSLError, ConnectionError)):
         tls_connect(server.addr("tls"), _tls11_client()).close()
 
