@@ -411,6 +411,7 @@ def test_padding_is_not_echoed_over_tcp() -> None:
     core = grid_core()
     req = request(Padding(bytes(100)))
     (action,) = core.handle_stream_frame(req, LOCAL, REMOTE, Transport.TCP, NOW)
+    assert isinstance(action, SendTo)
     assert decode(action.data).get(Padding) is None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import vectors as v
 from hypothesis import given, settings
@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from test_codec import SAMPLES
 
 from stunturn.server import (
-    Action,
     AlternateAddresses,
     CoreConfig,
     Counters,
     SendTo,
     ServerCore,
+    StreamAction,
     Transport,
 )
 from stunturn.stun import (
@@ -370,7 +370,7 @@ def outcome_total(counters: Counters) -> int:
     ) + c.error_responses
 
 
-def check_actions(data: bytes, actions: list[Action], transport: Transport) -> None:
+def check_actions(data: bytes, actions: Sequence[StreamAction], transport: Transport) -> None:
     """Whatever the core sends is a well-formed STUN response to the input's transaction."""
     assert isinstance(actions, list)
     for action in actions:
@@ -390,7 +390,9 @@ def core_inputs(rng: random.Random, n: int) -> Iterator[bytes]:
 
 
 def run_core(
-    n: int, seed: int, call: Callable[[ServerCore, bytes, float, random.Random], list[Action]]
+    n: int,
+    seed: int,
+    call: Callable[[ServerCore, bytes, float, random.Random], Sequence[StreamAction]],
 ) -> None:
     rng = random.Random(seed)
     cores = make_cores()
@@ -410,7 +412,9 @@ def run_core(
 def test_core_handle_udp_never_raises() -> None:
     """Random and mutated datagrams: a list of well-formed responses, one counter each."""
 
-    def call(core: ServerCore, data: bytes, now: float, rng: random.Random) -> list[Action]:
+    def call(
+        core: ServerCore, data: bytes, now: float, rng: random.Random
+    ) -> Sequence[StreamAction]:
         actions = core.handle_udp(data, rng.choice(LOCALS), rng.choice(REMOTES), now)
         check_actions(data, actions, Transport.UDP)
         return actions
@@ -421,7 +425,9 @@ def test_core_handle_udp_never_raises() -> None:
 def test_core_handle_stream_frame_never_raises() -> None:
     """Random and mutated stream frames over TCP and TLS: same properties as UDP."""
 
-    def call(core: ServerCore, data: bytes, now: float, rng: random.Random) -> list[Action]:
+    def call(
+        core: ServerCore, data: bytes, now: float, rng: random.Random
+    ) -> Sequence[StreamAction]:
         transport = rng.choice([Transport.TCP, Transport.TLS])
         local, remote = rng.choice(LOCALS), rng.choice(REMOTES)
         actions = core.handle_stream_frame(data, local, remote, transport, now)

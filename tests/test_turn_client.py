@@ -26,7 +26,7 @@ from turn_helpers import (
     make_server,
 )
 
-from stunturn.server import RelayTo, SendTo, Transport
+from stunturn.server import RelayTo, SendTo, StreamAction, Transport
 from stunturn.server.keys import address_key, ip_key
 from stunturn.stun import (
     FAMILY_IPV6,
@@ -156,10 +156,10 @@ class Link:
                 return []
             data = filtered
         core, now = self.server.core, self.now
+        actions: list[StreamAction] = []
         if self.transport is Transport.UDP:
-            actions = core.handle_udp(data, SERVER, self.address, now)
+            actions += core.handle_udp(data, SERVER, self.address, now)
         else:
-            actions = []
             for frame in self._framer.feed(data):
                 actions += core.handle_stream_frame(
                     frame, SERVER, self.address, self.transport, now

@@ -445,11 +445,11 @@ def test_idle_tcp_allocation_survives_until_its_lifetime(
     inprocess_server: StartInProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A TCP allocation with no traffic must live as long as its lifetime. Scaled down: the
-    server's idle timeout is made 1 s (it is 300 s) while the allocation lasts 600 s; after
+    server's idle timeout is made 1 s (``idle_timeout``; 300 s by default) while the allocation lasts 600 s; after
     1.5 s of silence the client's Refresh must still succeed."""
-    monkeypatch.setattr("stunturn.aio.server.STREAM_IDLE_TIMEOUT", 1.0)
     config = build_config(
         {
+            "idle_timeout": 1.0,
             "listen": ["127.0.0.1:0"],
             "workers": 1,
             "user": ["alice:secret"],

@@ -151,7 +151,8 @@ def test_missing_requested_transport_is_400() -> None:
 
 
 def test_tcp_relay_is_442() -> None:
-    """RFC 6062 TCP relaying is not built: 442 Unsupported Transport Protocol."""
+    """A server whose I/O layer cannot do TCP relays (RFC 6062): 442 Unsupported Transport
+    Protocol. (The real one can: see test_turn_tcp_core.py.)"""
     server = make_server()
     response = server.client().request(Method.ALLOCATE, RequestedTransport(TRANSPORT_TCP))
     assert error_code(response) == 442

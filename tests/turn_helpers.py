@@ -25,7 +25,7 @@ from stunturn.auth import (
     StaticUsers,
 )
 from stunturn.server import CoreConfig, SendTo, ServerCore, Transport
-from stunturn.server.actions import Action
+from stunturn.server.actions import Action, Splice
 from stunturn.stun import (
     PASSWORD_ALGORITHM_MD5,
     PASSWORD_ALGORITHM_SHA256,
@@ -74,6 +74,7 @@ from stunturn.turn import (
     TurnService,
     parse_networks,
 )
+from stunturn.turn.tcp import PeerConnection
 from stunturn.turn.wire import channel_data
 
 REALM = "example.org"
@@ -149,6 +150,28 @@ class FakeBinder:
     def take(self, host: str, ports: Iterable[int]) -> None:
         """Mark ports as taken by another program."""
         self.taken.update((host, p) for p in ports)
+
+
+class FakeTcpBinder(FakeBinder):
+    """Also does RFC 6062 TCP relays: records connection attempts and closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tcp_bound: list[FakeRelay] = []
+        self.connecting: list[PeerConnection] = []
+        self.closed_tcp: list[PeerConnection] = []
+
+    def bind_tcp(self, host: str, port: int, five_tuple: FiveTuple) -> FakeRelay | None:
+        relay = self.bind(host, port, five_tuple, False)
+        if relay is not None:
+            self.tcp_bound.append(relay)
+        return relay
+
+    def connect_tcp(self, conn: PeerConnection, relay: RelayHandle) -> None:
+        self.connecting.append(conn)
+
+    def close_tcp(self, conn: PeerConnection) -> None:
+        self.closed_tcp.append(conn)
 
 
 # --- server -------------------------------------------------------------------------------------
@@ -228,6 +251,7 @@ def make_server(
     start: float = 0.0,
     clock_offset: float = 0.0,
     seed: int = 1,
+    tcp: bool = False,
 ) -> Harness:
     """A ServerCore with a TurnService wired to the fakes (no response rate limit)."""
     if sources is None:
@@ -251,7 +275,7 @@ def make_server(
         max_lifetime=max_lifetime,
         limits=limits,
     )
-    binder = FakeBinder()
+    binder = FakeTcpBinder() if tcp else FakeBinder()
     ports = PortPool(
         *relay_ports, PORT_SECRET, worker=worker, workers=workers, rng=random.Random(seed)
     )
@@ -297,6 +321,8 @@ class TurnClient:
         self.last_raw = b""
         """The bytes of the last response received."""
         self.framer = StreamFramer()
+        self.spliced: list[Splice] = []
+        """ConnectionBind successes: the core asked to splice this connection to a peer."""
 
     @property
     def five_tuple(self) -> FiveTuple:
@@ -352,9 +378,13 @@ class TurnClient:
             return core.handle_udp(data, self.local, self.address, now)
         actions: list[Action] = []
         for frame in self.framer.feed(data):
-            actions += core.handle_stream_frame(
+            for action in core.handle_stream_frame(
                 frame, self.local, self.address, self.transport, now
-            )
+            ):
+                if isinstance(action, Splice):
+                    self.spliced.append(action)  # RFC 6062: recorded apart
+                else:
+                    actions.append(action)
         return actions
 
     def exchange(self, data: bytes) -> Message:

@@ -29,15 +29,16 @@ from dataclasses import dataclass
 from typing import cast
 
 from ..config import Endpoint, ServerConfig
-from ..server.actions import Action, RelayTo, Transport
+from ..server.actions import Action, RelayTo, Splice, Transport
 from ..server.binding import AlternateAddresses
 from ..server.core import CoreConfig, ServerCore, source_key
 from ..server.keys import IPV6_KEY_BIT, address_key
-from ..stun import Address, FramingError, StreamFramer
+from ..stun import Address
 from ..turn import Allocation, ChannelRoute, Quotas
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO, address_to_sockaddr
 from .mmsg import available as mmsg_available
-from .relay import RelaySocket, UdpRelayBinder
+from .relay import RelaySocket
+from .stream import RelayBinder, StreamConnection
 from .tls import server_context
 from .turnsetup import build_turn, prepare
 
@@ -47,9 +48,6 @@ _U32 = struct.Struct("I")
 UDP_BATCH = 256
 """Most datagrams read per readiness callback before yielding to other sockets."""
 UDP_RECV_SIZE = 65536
-STREAM_IDLE_TIMEOUT = 300.0
-"""Seconds a TCP/TLS connection may stay silent before it is closed."""
-TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,77 +314,6 @@ def relay_channel_data(route: ChannelRoute, data: bytes | memoryview, now: float
         pass  # the peer path is best effort, as UDP is
 
 
-class StreamConnection(asyncio.Protocol):
-    """A TCP or TLS client connection: framing in, core, writes out."""
-
-    def __init__(self, worker: Worker, transport_kind: Transport) -> None:
-        self.worker = worker
-        self.kind = transport_kind
-        self.framer = StreamFramer()
-        self.transport: asyncio.Transport | None = None
-        self.local: Address = ("", 0)
-        self.remote: Address = ("", 0)
-        self._idle: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCP and SSL transports are not asyncio.Transport subclasses: no isinstance.
-        self.transport = cast(asyncio.Transport, transport)
-        sockname, peername = (transport.get_extra_info(k) for k in ("sockname", "peername"))
-        self.local = (sockname[0], sockname[1])
-        self.remote = (peername[0], peername[1])
-        self.worker.connections.add(self)
-        self.worker.streams[(self.kind, self.remote, self.local)] = self
-        self._arm_idle()
-
-    def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
-        self._arm_idle()
-        try:
-            frames = self.framer.feed(data)
-        except FramingError:
-            self.worker.core.count_malformed()
-            self.transport.abort()
-            return
-        now = self.worker.loop.time()
-        for frame in frames:
-            for action in self.worker.core.handle_stream_frame(
-                frame, self.local, self.remote, self.kind, now
-            ):
-                if isinstance(action, RelayTo):
-                    self.worker.relay(action)
-                elif action.remote == self.remote:
-                    self.transport.write(action.data)
-        self.worker.rearm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.worker.connections.discard(self)
-        five_tuple = (self.kind, self.remote, self.local)
-        self.worker.streams.pop(five_tuple, None)
-        turn = self.worker.core.turn
-        if turn is not None:
-            # RFC 8656 section 3.1: an allocation over TCP/TLS ends with its connection.
-            alloc = turn.allocations.get(five_tuple)
-            if alloc is not None:
-                turn.delete(alloc, "connection closed")
-        if self._idle is not None:
-            self._idle.cancel()
-
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self.worker.loop.call_later(STREAM_IDLE_TIMEOUT, self._on_idle)
-
-    def _on_idle(self) -> None:
-        turn = self.worker.core.turn
-        if turn is not None and (self.kind, self.remote, self.local) in turn.allocations:
-            # The allocation's own lifetime bounds this connection (RFC 8656 section 3.1:
-            # closing it would delete the allocation); clients refresh only near expiry.
-            self._arm_idle()
-            return
-        if self.transport is not None:
-            self.transport.close()
-
-
 class Worker:
     """Binds the listeners of one process and serves them until :meth:`stop`."""
 
@@ -405,7 +332,7 @@ class Worker:
         self.streams: dict[tuple[Transport, Address, Address], StreamConnection] = {}
         turn = None
         if config.turn:
-            turn = build_turn(config, UdpRelayBinder(self), index, config.workers, quotas)
+            turn = build_turn(config, RelayBinder(self), index, config.workers, quotas)
             turn.clock_offset = time.time() - self.loop.time()
         self.core = ServerCore(self.core_config, turn)
         self.reuse_port = reuse_port
@@ -416,6 +343,47 @@ class Worker:
         self.batch_io = BatchIO() if mmsg_available() else None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.tls_context: ssl.SSLContext | None = None
+        self.ip_streams: dict[str, int] = {}
+        """Open TCP/TLS connections per source IP (admitted ones)."""
+        workers = max(1, config.workers)
+        self.max_streams = -(-config.connection_quota // workers) if config.connection_quota else 0
+        """This worker's share of ``connection_quota`` (0: unlimited)."""
+
+    # --- stream admission ----------------------------------------------------------------------
+
+    def admit(self, ip: str) -> bool:
+        """Count a new TCP/TLS connection from ``ip``; False when a limit is reached."""
+        config = self.config
+        if self.max_streams and len(self.connections) >= self.max_streams:
+            return False
+        count = self.ip_streams.get(ip, 0)
+        if config.ip_connection_quota and count >= config.ip_connection_quota:
+            return False
+        self.ip_streams[ip] = count + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        count = self.ip_streams.get(ip, 0) - 1
+        if count > 0:
+            self.ip_streams[ip] = count
+        else:
+            self.ip_streams.pop(ip, None)
+
+    def reload_tls(self) -> bool:
+        """Load the certificate and key files again (SIGHUP): new handshakes use them, open
+        connections keep theirs. On error the old certificate stays; returns False."""
+        ctx = self.tls_context
+        config = self.config
+        if ctx is None or config.cert is None or config.key is None:
+            return False
+        try:
+            ctx.load_cert_chain(config.cert, config.key)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("certificate reload failed, keeping the old one: %s", exc)
+            return False
+        log.info("certificate reloaded from %s", config.cert)
+        return True
 
     async def start(self, sockets: BoundSockets | None = None) -> list[Listener]:
         """Serve every listener; raises OSError (e.g. address in use) with nothing left bound.
@@ -438,7 +406,7 @@ class Worker:
             ctx = None
             if self.config.tls_listen:
                 assert self.config.cert is not None and self.config.key is not None
-                ctx = server_context(self.config.cert, self.config.key)
+                ctx = self.tls_context = server_context(self.config.cert, self.config.key)
             for kind, sock in bound:
                 if kind is not Transport.UDP:
                     await self._start_stream(sock, kind, ctx if kind is Transport.TLS else None)
@@ -455,7 +423,7 @@ class Worker:
                 lambda: StreamConnection(self, kind),
                 sock=sock,
                 ssl=ctx,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ctx else None,
+                ssl_handshake_timeout=self.config.handshake_timeout if ctx else None,
                 backlog=1024,
             )
         except BaseException:
@@ -471,6 +439,8 @@ class Worker:
         if isinstance(action, RelayTo):
             self.relay(action)
             return
+        if isinstance(action, Splice):
+            return  # only a stream connection carries these out, on itself
         if action.transport is not Transport.UDP:
             conn = self.streams.get((action.transport, action.remote, action.local))
             if conn is not None and conn.transport is not None:
@@ -499,6 +469,10 @@ class Worker:
             return
         conn = self.streams.get(alloc.five_tuple)
         if conn is not None and conn.transport is not None:
+            if conn.paused_writing:
+                # The client is not reading: drop datagrams rather than queue them unbounded.
+                self.core.counters.stream_dropped += 1
+                return
             conn.transport.write(frame)
 
     # --- the core's one timer ---------------------------------------------------------------
@@ -559,7 +533,9 @@ async def serve_forever(
     quotas: Quotas | None = None,
     sockets: BoundSockets | None = None,
 ) -> Worker:
-    """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed."""
+    """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed.
+
+    SIGHUP reloads the TLS certificate (:meth:`Worker.reload_tls`)."""
     raise_fd_limit()
     worker = Worker(prepare(config), reuse_port, index=index, quotas=quotas)
     await worker.start(sockets)
@@ -567,13 +543,14 @@ async def serve_forever(
     if install_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
     try:
         if on_ready is not None:
             on_ready(worker)
         await worker.wait_stopped()
     finally:
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         await worker.close()
     return worker

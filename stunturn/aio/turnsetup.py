@@ -72,6 +72,7 @@ def limits_of(config: ServerConfig) -> QuotaLimits:
         permissions=config.permission_quota,
         channels=config.channel_quota,
         max_bps=config.max_bps,
+        peer_connections=config.peer_connection_quota,
     )
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -122,6 +124,77 @@ def resolve_ports(config: ServerConfig) -> ServerConfig:
     return replace(config, listen=tuple(listen), tls_listen=tuple(tls))
 
 
+# --- TCP/TLS: one source IP, one worker ---------------------------------------------------------
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000
+_BPF_LD_W_ABS, _BPF_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+_BPF_TAX, _BPF_XOR_X = 0x07, 0xAC
+STREAM_BACKLOG = 1024
+
+
+def _source_ip_program(v6: bool, workers: int) -> bytes:
+    """Classic BPF for SO_ATTACH_REUSEPORT_CBPF: socket index = hash(source IP) mod workers.
+
+    IPv4: the source address word; IPv6: the XOR of its last two words (the interface
+    identifier), read relative to the network header.
+    """
+    insns: list[tuple[int, int, int, int]] = []
+    if v6:
+        insns += [
+            (_BPF_LD_W_ABS, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF),
+            (_BPF_TAX, 0, 0, 0),
+            (_BPF_LD_W_ABS, 0, 0, (_SKF_NET_OFF + 20) & 0xFFFFFFFF),
+            (_BPF_XOR_X, 0, 0, 0),
+        ]
+    else:
+        insns.append((_BPF_LD_W_ABS, 0, 0, (_SKF_NET_OFF + 12) & 0xFFFFFFFF))
+    insns += [(_BPF_MOD_K, 0, 0, workers), (_BPF_RET_A, 0, 0, 0)]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+
+
+def _attach_program(sock: socket.socket, program: bytes) -> None:
+    code = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
+def steer_streams_by_source_ip(sockets: list[BoundSockets]) -> bool:
+    """Make the kernel hand every TCP/TLS connection from one source IP to the same worker.
+
+    ``sockets[i]`` are worker i's listeners, in the same order for every worker. Each stream
+    listener is put into listening state here, worker by worker, so its index in the kernel's
+    SO_REUSEPORT group is the worker's index, and a program that picks the index from the
+    source IP is attached to the group. RFC 6062 needs this (a ConnectionBind must reach the
+    worker holding the allocation), and per-IP connection limits are exact with it. Returns
+    False (and the kernel's default 4-tuple hash stays) where the kernel refuses the program.
+    """
+    if len(sockets) < 2:
+        return True
+    ok = True
+    for position, (kind, first) in enumerate(sockets[0]):
+        if kind is Transport.UDP:
+            continue
+        for bound in sockets:
+            bound[position][1].listen(STREAM_BACKLOG)
+        try:
+            _attach_program(
+                first, _source_ip_program(first.family == socket.AF_INET6, len(sockets))
+            )
+        except OSError as exc:
+            log.warning(
+                "cannot steer TCP connections by source IP (%s): per-IP limits are "
+                "per worker and RFC 6062 ConnectionBind may reach the wrong one",
+                exc,
+            )
+            ok = False
+    return ok
+
+
 # --- worker process --------------------------------------------------------------------------
 
 
@@ -151,6 +224,12 @@ def _worker_main(
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_signal)
+
+    def on_hangup(signum: int, frame: object) -> None:
+        if running and not loop.is_closed():
+            loop.call_soon_threadsafe(running[0].reload_tls)
+
+    signal.signal(signal.SIGHUP, on_hangup)
 
     def ready(worker: Worker) -> None:
         running.append(worker)
@@ -227,6 +306,7 @@ class Supervisor:
         try:
             for _ in range(self.config.workers):
                 self.sockets.append(bind_listeners(self.config, core, reuse_port=True))
+            steer_streams_by_source_ip(self.sockets)
         except OSError as exc:
             self._close_sockets()
             raise StartupError(f"cannot bind: {exc.strerror or exc}") from None
@@ -242,16 +322,24 @@ class Supervisor:
         return self.listeners
 
     def run(self) -> RunResult:
-        """Block until SIGINT/SIGTERM, restarting workers that die; then stop them."""
+        """Block until SIGINT/SIGTERM, restarting workers that die; then stop them.
+
+        SIGHUP is passed on to every worker (each reloads the TLS certificate)."""
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
         old = {s: signal.signal(s, lambda *_: os.write(wfd, b"x")) for s in _STOP_SIGNALS}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: os.write(wfd, b"h"))
         try:
             while True:
                 sentinels = {proc.sentinel: i for i, (proc, _) in enumerate(self.procs)}
                 ready = multiprocessing.connection.wait([rfd, *sentinels])
                 if rfd in ready:
-                    break
+                    got = os.read(rfd, 64)
+                    if b"x" in got:
+                        break
+                    self._forward(signal.SIGHUP)  # each worker reloads its certificate
+                    continue
                 for fd in ready:
                     self._replace(sentinels[fd])
         finally:
@@ -261,6 +349,12 @@ class Supervisor:
             os.close(wfd)
             self.stop()
         return self.result
+
+    def _forward(self, sig: int) -> None:
+        for proc, _ in self.procs:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
 
     def _replace(self, index: int) -> None:
         proc, conn = self.procs[index]

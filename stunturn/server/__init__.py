@@ -1,6 +1,6 @@
 """The sans-IO server core: Binding (RFC 8489, RFC 5780) and, later, TURN; no sockets, no clock."""
 
-from .actions import Action, RelayTo, SendTo, Transport
+from .actions import Action, RelayTo, SendTo, Splice, StreamAction, Transport
 from .binding import AlternateAddresses, BindingService
 from .core import CoreConfig, ServerCore
 from .counters import Counters
@@ -15,6 +15,8 @@ __all__ = [
     "RelayTo",
     "SendTo",
     "ServerCore",
+    "Splice",
+    "StreamAction",
     "StunError",
     "Transport",
 ]

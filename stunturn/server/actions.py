@@ -42,4 +42,17 @@ class RelayTo:
     peer: Address
 
 
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """After the ConnectionBind success before it: join the client connection ``remote`` ->
+    ``local`` to the peer connection ``peer_connection`` (RFC 6062); no STUN on it after."""
+
+    peer_connection: object
+    local: Address
+    remote: Address
+    transport: Transport
+
+
 Action = SendTo | RelayTo
+StreamAction = SendTo | RelayTo | Splice
+"""What a frame from a TCP/TLS connection may lead to."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..stun import (
     REASONS,
@@ -29,7 +29,7 @@ from ..stun import (
     decode,
 )
 from ..stun.attributes import ErrorCode, Fingerprint, UnknownAttributes
-from .actions import Action, RelayTo, SendTo, Transport
+from .actions import Action, RelayTo, SendTo, Splice, StreamAction, Transport
 from .binding import AlternateAddresses, BindingService
 from .counters import Counters
 from .errors import StunError
@@ -43,7 +43,13 @@ log = logging.getLogger("stunturn.server")
 
 _KNOWN_METHODS = frozenset(int(m) for m in Method)
 _TURN_REQUESTS = frozenset(
-    (Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
+    (
+        Method.ALLOCATE,
+        Method.REFRESH,
+        Method.CREATE_PERMISSION,
+        Method.CHANNEL_BIND,
+        Method.CONNECT,
+    )
 )
 
 
@@ -106,15 +112,16 @@ class ServerCore:
         self.counters.received += 1
         if data and 0x40 <= data[0] < 0x80:
             return self._channel_data(data, Transport.UDP, local, remote, now)
-        return self._handle_stun(data, local, remote, Transport.UDP, now)
+        # Splice (ConnectionBind) never comes of a datagram: 400 over UDP.
+        return cast(list[Action], self._handle_stun(data, local, remote, Transport.UDP, now))
 
     def handle_stream_frame(
         self, frame: bytes, local: Address, remote: Address, transport: Transport, now: float
-    ) -> list[Action]:
+    ) -> list[StreamAction]:
         """A complete frame (from :class:`StreamFramer`) arrived on a TCP or TLS connection."""
         self.counters.received += 1
         if frame and 0x40 <= frame[0] < 0x80:
-            return self._channel_data(frame, transport, local, remote, now)
+            return list(self._channel_data(frame, transport, local, remote, now))
         return self._handle_stun(frame, local, remote, transport, now)
 
     def count_malformed(self) -> None:
@@ -160,7 +167,7 @@ class ServerCore:
 
     def _handle_stun(
         self, data: bytes, local: Address, remote: Address, transport: Transport, now: float
-    ) -> list[Action]:
+    ) -> list[StreamAction]:
         counters = self.counters
         try:
             msg = decode(data)
@@ -194,8 +201,17 @@ class ServerCore:
                 counters.binding_ok += 1
                 return [SendTo(response.encode(fingerprint=fingerprint), source, dest, transport)]
             if msg.method in _TURN_REQUESTS and self.turn is not None:
-                return [SendTo(self._turn_request(msg, transport, local, remote, now, fingerprint),
-                               local, remote, transport)]  # fmt: skip
+                data = self._turn_request(msg, transport, local, remote, now, fingerprint)
+                return [SendTo(data, local, remote, transport)] if data else []
+            if msg.method == Method.CONNECTION_BIND and self.turn is not None:
+                response, auth, conn = self.turn.connection_bind(
+                    msg, (transport, remote, local), now
+                )
+                data = response.encode(
+                    auth.key, sha1=not auth.sha256, sha256=auth.sha256, fingerprint=fingerprint
+                )
+                return [SendTo(data, local, remote, transport),
+                        Splice(conn, local, remote, transport)]  # fmt: skip
             raise StunError(400)
         except StunError as exc:
             counters.error_responses += 1
@@ -217,6 +233,8 @@ class ServerCore:
         assert self.turn is not None
         five_tuple = (transport, remote, local)
         response, auth = self.turn.handle_request(msg, five_tuple, now)
+        if response is None:
+            return b""  # Connect: answered when the connection attempt ends
         if isinstance(response, bytes):
             return response  # a retransmitted Allocate: the same bytes as the first time
         encoded = response.encode(

@@ -25,6 +25,12 @@ class Counters:
     """Error responses sent (any code)."""
     send_failed: int = 0
     """Sends the socket refused (buffer full, unreachable); filled in by the I/O layer."""
+    stream_refused: int = 0
+    """TCP/TLS connections closed at once: per-IP or total connection limit reached."""
+    stream_timeouts: int = 0
+    """TCP/TLS connections closed for sending nothing, or half a message, for too long."""
+    stream_dropped: int = 0
+    """Relayed datagrams dropped for a TCP/TLS client whose write buffer is full."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -45,8 +45,13 @@ class StreamFramer:
         """Bytes held that do not yet form a complete frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes; return the complete frames now available (ChannelData without padding)."""
+    def feed(self, data: bytes, stop_type: int = -1) -> list[bytes]:
+        """Add bytes; return the complete frames now available (ChannelData without padding).
+
+        With ``stop_type`` (a STUN message type), framing stops after a message of that type:
+        what follows stays buffered, unframed, for :meth:`take` (RFC 6062: a connection turns
+        into a raw byte pipe after its ConnectionBind).
+        """
         buf = self._buf
         buf += data
         frames: list[bytes] = []
@@ -54,6 +59,8 @@ class StreamFramer:
         end = len(buf)
         while end - pos >= 4:
             first = buf[pos]
+            if stop_type >= 0 and frames and ((frames[-1][0] << 8) | frames[-1][1]) == stop_type:
+                return self._keep(frames, pos)
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             if first < 0x40:
                 size = total = 20 + length
@@ -73,3 +80,13 @@ class StreamFramer:
         if len(buf) > self.max_buffer:
             raise FramingError(f"more than {self.max_buffer} bytes buffered")
         return frames
+
+    def _keep(self, frames: list[bytes], pos: int) -> list[bytes]:
+        del self._buf[:pos]
+        return frames
+
+    def take(self) -> bytes:
+        """Remove and return whatever is buffered (the unframed rest of the stream)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest

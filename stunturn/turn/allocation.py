@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..server.actions import Transport
 from ..server.keys import ip_key
 from ..stun import Address
+
+if TYPE_CHECKING:
+    from .tcp import PeerConnection
 
 FiveTuple = tuple[Transport, Address, Address]
 """(client transport, client address, server address the client talks to)."""
@@ -108,6 +111,10 @@ class Allocation:
     packets_to_client: int = 0
     max_bps: int = 0
     """Bytes per second allowed each way (0: unlimited); see :meth:`within_rate`."""
+    tcp: bool = False
+    """An RFC 6062 TCP allocation: its relays listen for and connect to TCP peers."""
+    peer_conns: dict[Address, PeerConnection] = field(default_factory=dict)
+    """TCP allocations: peer address -> its connection (connecting, pending or bound)."""
     _tokens: list[float] = field(default_factory=lambda: [0.0, 0.0, -1.0])
     """Token buckets for ``max_bps``: [to peer, to client, last refill time]."""
 

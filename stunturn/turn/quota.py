@@ -27,6 +27,8 @@ class QuotaLimits:
     """Channels per allocation (ChannelBind beyond it: 508)."""
     max_bps: int = 0
     """Relayed bytes per second per allocation and direction."""
+    peer_connections: int = 64
+    """TCP peer connections per RFC 6062 allocation (Connect beyond it: 508; inbound: refused)."""
 
 
 class Quotas(Protocol):

@@ -12,16 +12,18 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..server.actions import RelayTo, Transport
+from ..server.actions import RelayTo, SendTo, Transport
 from ..server.errors import StunError
 from ..server.keys import IPV6_KEY_BIT, address_key, ip_key
 from ..stun import (
     FAMILY_IPV4,
     FAMILY_IPV6,
     REASONS,
+    TRANSPORT_TCP,
     TRANSPORT_UDP,
     Address,
     Message,
@@ -32,9 +34,12 @@ from ..stun.attributes import (
     AdditionalAddressFamily,
     AddressErrorCode,
     ChannelNumber,
+    ConnectionId,
     Data,
     DontFragment,
+    ErrorCode,
     EvenPort,
+    Fingerprint,
     Icmp,
     Lifetime,
     RequestedAddressFamily,
@@ -57,6 +62,7 @@ from .auth import AuthResult, LongTermAuth
 from .policy import PeerPolicy
 from .ports import PortPool
 from .quota import QuotaLimits, Quotas
+from .tcp import BIND_TIMEOUT, PeerConnection, PeerState, TcpRelayBinder
 
 log = logging.getLogger("stunturn.turn")
 
@@ -117,17 +123,24 @@ class TurnService:
         self._timers: list[tuple[float, int, str, Allocation, int]] = []
         self._seq = itertools.count()
         self._ids = itertools.count(1)
+        self.peer_conns: dict[int, PeerConnection] = {}
+        """RFC 6062: CONNECTION-ID -> peer data connection, for ConnectionBind."""
+        self.tcp_binder: TcpRelayBinder | None = (
+            binder if hasattr(binder, "bind_tcp") else None  # type: ignore[assignment]
+        )
+        """The binder, when it can do TCP relays (else TCP allocations get 442)."""
 
     # --- dispatch -------------------------------------------------------------------------
 
     def handle_request(
         self, msg: Message, five_tuple: FiveTuple, now: float
-    ) -> tuple[Message | bytes, AuthResult]:
-        """Authenticate and handle Allocate, Refresh, CreatePermission or ChannelBind.
+    ) -> tuple[Message | bytes | None, AuthResult]:
+        """Authenticate and handle Allocate, Refresh, CreatePermission, ChannelBind or Connect.
 
         Returns the success response (or, for a retransmitted Allocate, the bytes sent the first
-        time) and the authentication result to sign it with. Raises :class:`StunError`; after
-        successful authentication the error carries the key so the response is signed.
+        time; None for a Connect, answered when the connection attempt ends) and the
+        authentication result to sign it with. Raises :class:`StunError`; after successful
+        authentication the error carries the key so the response is signed.
         """
         auth = self.auth.authenticate(msg, five_tuple[1], now)
         try:
@@ -147,6 +160,9 @@ class TurnService:
                 return self._refresh(msg, alloc, auth, now), auth
             if msg.method == Method.CREATE_PERMISSION:
                 return self._create_permission(msg, alloc, now), auth
+            if msg.method == Method.CONNECT:
+                self._connect(msg, alloc, now)
+                return None, auth
             return self._channel_bind(msg, alloc, now), auth
         except StunError as exc:
             exc.key, exc.sha256 = auth.key, auth.sha256
@@ -157,7 +173,7 @@ class TurnService:
         alloc = self.allocations.get(five_tuple)
         peer_attr = msg.get(XorPeerAddress)
         data = msg.get(Data)
-        if alloc is None or peer_attr is None or data is None:
+        if alloc is None or peer_attr is None or data is None or alloc.tcp:
             return []
         relay = alloc.relay_for(peer_attr.host)
         if relay is None or not alloc.permitted(peer_attr.host):
@@ -191,12 +207,22 @@ class TurnService:
         transport = msg.get(RequestedTransport)
         if transport is None:
             raise StunError(400)
-        if transport.value != TRANSPORT_UDP:
-            raise StunError(442)
         token = msg.get(ReservationToken)
         even = msg.get(EvenPort)
         requested = msg.get(RequestedAddressFamily)
         additional = msg.get(AdditionalAddressFamily)
+        dont_fragment = msg.get(DontFragment) is not None
+        tcp = transport.value == TRANSPORT_TCP
+        if tcp:
+            # RFC 6062 section 5.1.
+            if self.tcp_binder is None:
+                raise StunError(442)
+            if five_tuple[0] is Transport.UDP:
+                raise StunError(400, detail="TCP allocations need a TCP or TLS connection")
+            if token or even or dont_fragment or additional:
+                raise StunError(400, detail="attribute not allowed in a TCP allocation")
+        elif transport.value != TRANSPORT_UDP:
+            raise StunError(442)
         if token is not None and (even or requested or additional):
             raise StunError(400)
         if requested is not None and additional is not None:
@@ -215,10 +241,9 @@ class TurnService:
         client_ip = five_tuple[1][0]
         if not self.quotas.acquire(auth.username, client_ip):
             raise StunError(486)
-        dont_fragment = msg.get(DontFragment) is not None
         try:
             relays, reservation, address_error = self._bind_relays(
-                five_tuple, family, additional is not None, even, token, dont_fragment, now
+                five_tuple, family, additional is not None, even, token, dont_fragment, now, tcp
             )
         except StunError:
             self.quotas.release(auth.username, client_ip)
@@ -238,6 +263,7 @@ class TurnService:
             client_ip=client_ip,
             dont_fragment=dont_fragment,
             max_bps=self.config.limits.max_bps,
+            tcp=tcp,
         )
         for relay in relays:
             relay.allocation = alloc
@@ -270,6 +296,7 @@ class TurnService:
                 "user": alloc.username,
                 "client": f"{five_tuple[0].value}:{five_tuple[1][0]}:{five_tuple[1][1]}",
                 "relay": ",".join(f"{h}:{p}" for h, p in (r.address for r in relays)),
+                "relay_transport": "tcp" if alloc.tcp else "udp",
                 "lifetime": lifetime,
             },
         )
@@ -289,6 +316,7 @@ class TurnService:
         token: ReservationToken | None,
         dont_fragment: bool,
         now: float,
+        tcp: bool = False,
     ) -> tuple[list[RelayHandle], bytes | None, AddressErrorCode | None]:
         """Bind the relay socket(s); raises 508 when the first one cannot be had."""
         if token is not None:
@@ -299,7 +327,7 @@ class TurnService:
         host = self.config.relay_ip(family)
         assert host is not None
         relay, reservation = self._bind_new(
-            host, five_tuple, dont_fragment, even is not None, bool(even and even.reserve), now
+            host, five_tuple, dont_fragment, even is not None, bool(even and even.reserve), now, tcp
         )
         if relay is None:
             raise StunError(508)
@@ -325,11 +353,16 @@ class TurnService:
         even: bool,
         reserve: bool,
         now: float,
+        tcp: bool = False,
     ) -> tuple[RelayHandle | None, bytes | None]:
         for port in self.ports.candidates(host, even=even, pair=reserve):
             if reserve and not self.binder.available(host, port + 1):
                 continue  # port+1 is taken outside our pool: the token could never be redeemed
-            relay = self.binder.bind(host, port, five_tuple, dont_fragment)
+            if tcp:
+                assert self.tcp_binder is not None
+                relay = self.tcp_binder.bind_tcp(host, port, five_tuple)
+            else:
+                relay = self.binder.bind(host, port, five_tuple, dont_fragment)
             if relay is None:
                 continue  # taken by something outside this pool; try the next one
             self.ports.take(host, port)
@@ -435,6 +468,8 @@ class TurnService:
     # --- ChannelBind (section 11.2) -------------------------------------------------------
 
     def _channel_bind(self, msg: Message, alloc: Allocation, now: float) -> Message:
+        if alloc.tcp:
+            raise StunError(400, detail="no channels on a TCP allocation")
         number_attr = msg.get(ChannelNumber)
         peer_attr = msg.get(XorPeerAddress)
         if number_attr is None or peer_attr is None:
@@ -490,6 +525,153 @@ class TurnService:
         alloc.cooldown[channel.number] = (peer_key, until)
         self._schedule(until, "cooldown", alloc, channel.number)
 
+    # --- RFC 6062 TCP allocations ------------------------------------------------------------
+
+    def _connect(self, msg: Message, alloc: Allocation, now: float) -> None:
+        """Connect (RFC 6062 section 5.2): start connecting to the peer; answered later."""
+        if not alloc.tcp:
+            raise StunError(400, detail="Connect needs a TCP allocation")
+        peer_attr = msg.get(XorPeerAddress)
+        if peer_attr is None:
+            raise StunError(400, detail="XOR-PEER-ADDRESS missing")
+        relay = alloc.relay_for(peer_attr.host)
+        if relay is None:
+            raise StunError(443)
+        if not self.policy.allowed(peer_attr.host, peer_attr.port):
+            raise StunError(403)
+        peer = peer_attr.address
+        if peer in alloc.peer_conns:
+            raise StunError(446)
+        limit = self.config.limits.peer_connections
+        if limit and len(alloc.peer_conns) >= limit:
+            raise StunError(508, detail="peer connection quota reached")
+        conn = self._new_peer(alloc, peer, PeerState.CONNECTING, inbound=False)
+        conn.transaction_id = msg.transaction_id
+        conn.fingerprint = msg.get(Fingerprint) is not None
+        assert self.tcp_binder is not None
+        self.tcp_binder.connect_tcp(conn, relay)
+
+    def _new_peer(
+        self, alloc: Allocation, peer: Address, state: PeerState, inbound: bool
+    ) -> PeerConnection:
+        while True:
+            conn_id = secrets.randbits(32)
+            if conn_id and conn_id not in self.peer_conns:
+                break
+        conn = PeerConnection(conn_id, alloc, peer, state, inbound)
+        self.peer_conns[conn_id] = conn
+        alloc.peer_conns[peer] = conn
+        return conn
+
+    def _pending(self, conn: PeerConnection, now: float) -> None:
+        conn.state = PeerState.PENDING
+        conn.deadline = now + BIND_TIMEOUT
+        self._schedule(conn.deadline, "tcp", conn.allocation, conn.id)
+
+    def _live(self, conn: PeerConnection) -> bool:
+        alloc = conn.allocation
+        return (
+            self.peer_conns.get(conn.id) is conn and self.allocations.get(alloc.five_tuple) is alloc
+        )
+
+    def tcp_connected(self, conn: PeerConnection, now: float) -> list[SendTo]:
+        """The I/O layer reached the peer of a Connect: answer it with the CONNECTION-ID."""
+        if not self._live(conn) or conn.state is not PeerState.CONNECTING:
+            return []
+        self._pending(conn, now)
+        response = Message(Method.CONNECT, MessageClass.SUCCESS, conn.transaction_id)
+        response.attributes.append(ConnectionId(conn.id))
+        return [self._to_client(conn.allocation, response, conn.fingerprint)]
+
+    def tcp_connect_failed(self, conn: PeerConnection, now: float) -> list[SendTo]:
+        """The connection attempt of a Connect failed or timed out: 447."""
+        if not self._live(conn) or conn.state is not PeerState.CONNECTING:
+            return []
+        self._forget_peer(conn)
+        response = Message(Method.CONNECT, MessageClass.ERROR, conn.transaction_id)
+        response.attributes.append(ErrorCode(447, REASONS[447]))
+        return [self._to_client(conn.allocation, response, conn.fingerprint)]
+
+    def tcp_incoming(
+        self, relay: RelayHandle, peer: Address, now: float
+    ) -> tuple[PeerConnection | None, list[SendTo]]:
+        """A peer connected to a TCP relayed address (RFC 6062 section 5.3).
+
+        Accepted (and the client told with a ConnectionAttempt indication) only when the
+        client has a permission for the peer's IP, the peer policy allows it, no connection
+        with that peer exists and the allocation's quota has room; otherwise (None, []) and
+        the I/O layer closes the connection at once.
+        """
+        alloc = relay.allocation
+        if alloc is None or not alloc.tcp or self.allocations.get(alloc.five_tuple) is not alloc:
+            return None, []
+        limit = self.config.limits.peer_connections
+        if (
+            not alloc.permitted(peer[0])
+            or not self.policy.allowed(peer[0], peer[1])
+            or peer in alloc.peer_conns
+            or (limit and len(alloc.peer_conns) >= limit)
+        ):
+            return None, []
+        conn = self._new_peer(alloc, peer, PeerState.CONNECTING, inbound=True)
+        self._pending(conn, now)
+        indication = Message(Method.CONNECTION_ATTEMPT, MessageClass.INDICATION)
+        indication.attributes += [XorPeerAddress(*peer), ConnectionId(conn.id)]
+        transport, client, local = alloc.five_tuple
+        return conn, [SendTo(indication.encode(), local, client, transport)]
+
+    def connection_bind(
+        self, msg: Message, five_tuple: FiveTuple, now: float
+    ) -> tuple[Message, AuthResult, PeerConnection]:
+        """ConnectionBind (RFC 6062 section 5.4) on a new client connection.
+
+        On success the I/O layer sends the response, then splices this client connection to
+        the peer connection (no STUN on it any more). Raises :class:`StunError`.
+        """
+        auth = self.auth.authenticate(msg, five_tuple[1], now)
+        try:
+            if five_tuple[0] is Transport.UDP or five_tuple in self.allocations:
+                raise StunError(400, detail="ConnectionBind needs a new TCP/TLS connection")
+            attr = msg.get(ConnectionId)
+            if attr is None:
+                raise StunError(400, detail="CONNECTION-ID missing")
+            conn = self.peer_conns.get(attr.value)
+            if conn is None or conn.state is not PeerState.PENDING or not self._live(conn):
+                raise StunError(400, detail="unknown CONNECTION-ID")
+            if auth.username != conn.allocation.username:
+                raise StunError(441)
+        except StunError as exc:
+            exc.key, exc.sha256 = auth.key, auth.sha256
+            raise
+        conn.state = PeerState.BOUND
+        conn.client = five_tuple
+        return Message(Method.CONNECTION_BIND, MessageClass.SUCCESS, msg.transaction_id), auth, conn
+
+    def tcp_closed(self, conn: PeerConnection) -> None:
+        """The I/O layer saw the peer or the client data connection close."""
+        if self.peer_conns.get(conn.id) is conn:
+            self._forget_peer(conn)
+
+    def _forget_peer(self, conn: PeerConnection) -> None:
+        self.peer_conns.pop(conn.id, None)
+        alloc = conn.allocation
+        if alloc.peer_conns.get(conn.peer) is conn:
+            del alloc.peer_conns[conn.peer]
+
+    def _drop_peer(self, conn: PeerConnection, reason: str) -> None:
+        self._forget_peer(conn)
+        log.debug("peer connection %d to %s closed: %s", conn.id, conn.peer, reason)
+        if self.tcp_binder is not None:
+            self.tcp_binder.close_tcp(conn)
+
+    @staticmethod
+    def _to_client(alloc: Allocation, response: Message, fingerprint: bool) -> SendTo:
+        data = response.encode(
+            alloc.key, sha1=not alloc.sha256, sha256=alloc.sha256, fingerprint=fingerprint
+        )
+        transport, client, local = alloc.five_tuple
+        return SendTo(data, local, client, transport)
+
     # --- ICMP (section 11.4) -------------------------------------------------------------
 
     def icmp_indication(
@@ -530,6 +712,16 @@ class TurnService:
                 continue
             if self.allocations.get(alloc.five_tuple) is not alloc:
                 continue  # deleted already
+            if kind == "tcp":
+                conn = self.peer_conns.get(key)
+                if (
+                    conn is not None
+                    and conn.allocation is alloc
+                    and conn.deadline <= now
+                    and conn.state is PeerState.PENDING
+                ):
+                    self._drop_peer(conn, "not bound in time")
+                continue
             if kind == "cooldown":
                 cooling = alloc.cooldown.get(key)
                 if cooling is not None and cooling[1] <= now:
@@ -560,6 +752,8 @@ class TurnService:
         alloc.channels.clear()
         alloc.peer_channels.clear()
         alloc.permissions.clear()
+        for conn in list(alloc.peer_conns.values()):
+            self._drop_peer(conn, "allocation ended")
         for relay in alloc.relays:
             self._close_relay(relay)
         self.quotas.release(alloc.username, alloc.client_ip)

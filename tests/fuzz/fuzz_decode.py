@@ -25,6 +25,7 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +33,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stunturn.server import (  # noqa: E402
-    Action,
     AlternateAddresses,
     CoreConfig,
     SendTo,
     ServerCore,
+    StreamAction,
     Transport,
 )
 from stunturn.stun import (  # noqa: E402
@@ -281,7 +282,7 @@ class Target:
         self.check_actions(data, core.handle_stream_frame(data, local, remote, transport, now))
 
     @staticmethod
-    def check_actions(data: bytes, actions: list[Action]) -> None:
+    def check_actions(data: bytes, actions: Sequence[StreamAction]) -> None:
         if not isinstance(actions, list):
             raise AssertionError("core returned a non-list")
         for action in actions:
