@@ -18,7 +18,6 @@ import pytest
 from helpers import InProcessServer, ServerProcess
 
 from stunturn.config import build_config
-from stunturn.server import Transport
 from stunturn.stun import (
     PASSWORD_ALGORITHM_MD5,
     TRANSPORT_TCP,
@@ -298,21 +297,6 @@ def test_unbound_peer_connection_is_closed_after_the_bind_timeout(
     assert code_of(late) == 400
     for sock in (peer, data.sock, control.sock):
         sock.close()
-
-
-def test_tcp_allocation_over_udp_is_400(server: InProcessServer) -> None:
-    target = server.addr("udp")
-    from helpers import udp_socket
-
-    sock = udp_socket()
-    request = Message(
-        Method.ALLOCATE, MessageClass.REQUEST, new_transaction_id(), [RequestedTransport(6)]
-    )
-    sock.sendto(request.encode(), target)
-    response = decode(sock.recv(2048))
-    assert code_of(response) == 401  # authentication comes first
-    sock.close()
-    assert Transport.UDP  # the RFC 6062 check itself is covered in test_turn_tcp_core.py
 
 
 def test_connection_bind_reaches_the_right_worker(stunturn_server: object) -> None:
