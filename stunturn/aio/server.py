@@ -378,9 +378,17 @@ class Worker:
         if ctx is None or config.cert is None or config.key is None:
             return False
         try:
+            # Tried on a scratch context first: a failed load can leave a context with the
+            # new certificate and the old key.
+            server_context(config.cert, config.key)
             ctx.load_cert_chain(config.cert, config.key)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("certificate reload failed, keeping the old one: %s", exc)
+            log.error(
+                "certificate reload failed, keeping the old one: %s or %s: %s",
+                config.cert,
+                config.key,
+                exc,
+            )
             return False
         log.info("certificate reloaded from %s", config.cert)
         return True
