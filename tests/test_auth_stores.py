@@ -297,11 +297,12 @@ def test_nonce_cookie_and_features() -> None:
     assert features_of("obMatJos2!!!!") == 0
 
 
-def test_nonce_valid_for_its_client_only() -> None:
+def test_nonce_valid_for_its_client_ip_only() -> None:
+    """Bound to the IP (RFC 6062 data connections come from new ports); distinct per port."""
     nonces = NonceManager(SECRET)
     nonce = nonces.issue(ME, 100.0)
     assert nonces.valid(nonce, ME, 100.0)
-    assert not nonces.valid(nonce, (ME[0], ME[1] + 1), 100.0)
+    assert nonces.valid(nonce, (ME[0], ME[1] + 1), 100.0)
     assert not nonces.valid(nonce, ("198.51.100.8", ME[1]), 100.0)
     assert nonces.issue(ME, 100.0) != nonces.issue((ME[0], ME[1] + 1), 100.0)
     assert NonceManager(SECRET).valid(nonce, ME, 100.0)  # another worker, same secret

@@ -126,7 +126,7 @@ def _assert_stale(response: Message, old_nonce: str) -> str:
 
 
 def test_nonce_issued_to_another_address_is_stale() -> None:
-    """A nonce is bound to the client's transport address: another address gets 438 and a
+    """A nonce is bound to the client's IP address: another address gets 438 and a
     nonce of its own, with which its retry succeeds."""
     server = make_server()
     alice = server.client()
@@ -138,6 +138,17 @@ def test_nonce_issued_to_another_address_is_stale() -> None:
     _assert_stale(stale, alice.nonce)
     bob.learn(stale)
     assert is_success(bob.exchange(bob.encode(Method.ALLOCATE, RequestedTransport(17))))
+
+
+def test_nonce_is_accepted_from_another_port_of_the_same_ip() -> None:
+    """RFC 6062 clients sign ConnectionBind, sent from a new connection (a new port), with the
+    nonce of their control connection: the nonce is bound to the IP, not the port."""
+    server = make_server()
+    alice = server.client()
+    alice.login()
+    other = server.client(address=(CLIENT[0], CLIENT[1] + 7))
+    other.nonce, other.offered = alice.nonce, alice.offered
+    assert is_success(other.exchange(other.encode(Method.ALLOCATE, RequestedTransport(17))))
 
 
 @pytest.mark.parametrize("where", [13, 20, 30])
