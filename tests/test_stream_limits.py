@@ -263,3 +263,19 @@ def test_back_pressure_bounds_the_write_buffer() -> None:
         assert answers == n == expected
         sock.close()
         assert server.counters.stream_dropped == 0
+
+
+def test_per_ip_limit_is_exact_over_ipv6(stunturn_server: StartServer) -> None:
+    """The source-IP steering program reads IPv6 source addresses too (two workers)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    server = stunturn_server(
+        "--listen", "[::1]:0", "--no-turn", "--workers", "2", "--ip-connection-quota", "4"
+    )
+    target = server.addr("tcp")
+    socks = [socket.create_connection(target, timeout=2.0) for _ in range(20)]
+    try:
+        assert closed_now(socks).count(False) == 4
+    finally:
+        for sock in socks:
+            sock.close()
