@@ -20,6 +20,7 @@ from stunturn.auth import SqliteUsers, random_password, rest_password, rest_user
 from stunturn.config import ConfigError, ServerConfig, build_config, load_toml
 from stunturn.logsetup import configure_logging
 
+from .config_cmd import config_group, preset_option
 from .p2p import p2p as p2p_command
 
 
@@ -121,6 +122,7 @@ def _load(config_file: str | None, options: dict[str, Any]) -> tuple[list[Any], 
 
 @cli.command()
 @_options(*SERVER_OPTIONS)
+@preset_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file.")
 def serve(config_file: str | None, **options: Any) -> None:
     """Run the STUN/TURN server. With no options: STUN on 0.0.0.0:3478 and [::]:3478, TURN for
@@ -302,6 +304,7 @@ def credentials(secret: str, user: str, ttl: int, algorithm: str, urls: tuple[st
     "--listen", "--relay-ip", "--relay-ports", "--allow-peer", "--deny-peer",
     "--allow-loopback-peers",
 )))  # fmt: skip
+@preset_option
 def check_peer(address: str, config_file: str | None, **options: Any) -> None:
     """Say whether the peer policy lets a TURN client reach ADDRESS (IP or IP:PORT)."""
     host, port_text = address, ""
@@ -329,6 +332,7 @@ def check_peer(address: str, config_file: str | None, **options: Any) -> None:
 
 
 cli.add_command(p2p_command)
+cli.add_command(config_group)
 
 
 def main() -> None:

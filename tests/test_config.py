@@ -13,9 +13,11 @@ from stunturn.config import (
     DEFAULT_PORT,
     DEFAULT_TLS_PORT,
     ConfigError,
+    ConfigErrors,
     Endpoint,
     ServerConfig,
     build_config,
+    check_config,
     load_toml,
     parse_endpoint,
 )
@@ -315,3 +317,60 @@ def test_load_toml_errors_name_config_and_position(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_toml(tmp_path)
     assert info.value.field == "config"
+
+
+# --- collecting every problem -------------------------------------------------------------------
+
+
+def test_validate_reports_every_cross_field_problem() -> None:
+    """problems() lists every cross-field problem in a stable order; validate() raises them as
+    one ConfigErrors that reads as the first; skip= leaves out checks on unreadable fields."""
+    config = ServerConfig(
+        listen=(),
+        tls_listen=(),
+        cert="/nonexistent/c.pem",
+        default_lifetime=7200,
+        max_lifetime=600,
+        relay_ip=("192.0.2.1", "192.0.2.2"),
+        workers=1,
+    )
+    fields = ["listen", "key", "cert", "default-lifetime", "relay-ip"]
+    assert [p.field for p in config.problems()] == fields
+    with pytest.raises(ConfigErrors) as info:
+        config.validate()
+    assert info.value.field == "listen" and [e.field for e in info.value.errors] == fields
+    assert str(info.value).endswith("(and 4 more problems)")
+    skipped = config.problems(skip={"listen", "relay_ip"}, check_files=False)
+    assert [p.field for p in skipped] == ["key", "default-lifetime"]
+
+
+def test_list_values_report_each_bad_item() -> None:
+    """Each bad entry of a list setting is its own problem, naming the entry."""
+    with pytest.raises(ConfigErrors) as info:
+        build_config({"listen": ["nonsense", "127.0.0.1:1", "[::1"], "deny-peer": ["x", "y"]})
+    messages = [str(e) for e in info.value.errors]
+    assert len(messages) == 4
+    assert "'nonsense'" in messages[0] and "'[::1'" in messages[1]
+    assert messages[2:] == [
+        "deny-peer: 'x' is not an IP network (CIDR)",
+        "deny-peer: 'y' is not an IP network (CIDR)",
+    ]
+
+
+def test_check_config_returns_config_or_errors() -> None:
+    """check_config gives the config and its warnings when valid, only errors otherwise."""
+    good = check_config({"listen": "127.0.0.1:3478", "allow-loopback-peers": True})
+    assert good.ok and good.config is not None and good.config.allow_loopback_peers
+    assert [w.field for w in good.warnings] == ["allow-loopback-peers"]
+    bad = check_config({"workers": 0})
+    assert not bad.ok and bad.config is None and bad.warnings == ()
+
+
+def test_deny_other_peers_becomes_deny_ranges() -> None:
+    """deny-other-peers turns into deny-peer ranges covering everything outside allow-peer,
+    in both families."""
+    config = build_config({"deny-other-peers": True, "allow-peer": ["10.0.0.0/8", "2001:db8::/32"]})
+    assert "0.0.0.0/5" in config.deny_peer and "11.0.0.0/8" in config.deny_peer
+    assert "10.0.0.0/8" not in config.deny_peer and "::/3" in config.deny_peer
+    assert config.allow_peer == ("10.0.0.0/8", "2001:db8::/32")
+    assert build_config({"allow-peer": ["10.0.0.0/8"]}).deny_peer == ()
