@@ -17,7 +17,7 @@ from stunturn.aio.tls import make_self_signed
 from stunturn.aio.turnsetup import default_user_db, ensure_default_user, peer_policy, prepare
 from stunturn.aio.workers import RunResult, StartupError, run_server
 from stunturn.auth import SqliteUsers, random_password, rest_password, rest_username
-from stunturn.config import ConfigError, ServerConfig, build_config, load_toml
+from stunturn.config import ConfigError, ConfigErrors, ServerConfig, build_config, load_toml
 from stunturn.logsetup import configure_logging
 
 from .config_cmd import config_group, preset_option
@@ -79,6 +79,8 @@ SERVER_OPTIONS = (
     ("--deny-peer", {"multiple": True, "metavar": "CIDR", "help": "Deny relaying to it."}),
     ("--allow-loopback-peers", {"is_flag": True, "default": None,
                                 "help": "Allow 127.0.0.0/8 and ::1 as peers (tests only)."}),
+    ("--deny-other-peers", {"is_flag": True, "default": None,
+                            "help": "Relay only to --allow-peer ranges (the sfu preset)."}),
     ("--default-lifetime", {"metavar": "S", "help": "Allocation lifetime. Default 600."}),
     ("--max-lifetime", {"metavar": "S", "help": "Longest allocation lifetime. Default 3600."}),
     ("--user-quota", {"metavar": "N", "help": "Allocations per user (0 = no limit). Def. 10."}),
@@ -140,6 +142,10 @@ def serve(config_file: str | None, **options: Any) -> None:
                 click.echo("  (shown once; manage users with `stunturn users`)")
             given["user_db"] = str(path)
             config = build_config(*layers, given)
+    except ConfigErrors as exc:
+        # Every problem, one per line (the first names the field as before).
+        _fail("\nstunturn: error: ".join(str(error) for error in exc.errors))
+        return
     except ConfigError as exc:
         _fail(str(exc))
         return
