@@ -80,9 +80,14 @@ class Collector(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
         self.errors: list[Exception] = []
+        self.lost = asyncio.Event()
+        """Set by aioice once its Refresh LIFETIME 0 is answered (or given up) after close()."""
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.queue.put_nowait((data, addr))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
 
     def error_received(self, exc: Exception) -> None:
         self.errors.append(exc)
@@ -122,7 +127,7 @@ async def _endpoint_scenario(
             assert protocol.errors == []
         finally:
             transport.close()
-            await asyncio.sleep(0.2)  # lets the Refresh LIFETIME 0 go out
+            await asyncio.wait_for(protocol.lost.wait(), TIMEOUT)  # Refresh 0 answered
     return relayed, mapped, peer_addr
 
 
