@@ -20,6 +20,7 @@ from ice_sim import BusyLoop
 
 from stunturn.ice import (
     CHECK_POLICY,
+    MAX_EARLY_CHECKS,
     Candidate,
     CandidateType,
     IceAgent,
@@ -526,6 +527,117 @@ def test_peer_reflexive_remote_candidate() -> None:
     pair = pair_to(a, source)
     assert pair.priority == pair_priority(True, pair.local.candidate.priority, 1234567)
     assert only(a.on_timer(0.05)).destination == source
+
+
+def fresh_agent(controlling: bool = True) -> IceAgent:
+    """Agent A with its host candidate but without B's credentials yet (B's answer is late)."""
+    a = IceAgent(
+        controlling, ufrag=A_UFRAG, password=A_PASSWORD, tie_breaker=100, rng=random.Random(7)
+    )
+    assert a.add_local_candidate(local(), 0.0) == []
+    return a
+
+
+SYMMETRIC_MAPPING: Address = ("198.51.100.20", 25553)
+"""Where B's check comes from when B is behind a symmetric NAT: a mapping made for A alone,
+which no candidate B signals names."""
+
+
+def test_check_before_credentials_is_processed_once_they_arrive() -> None:
+    """RFC 8445 7.3: a check that arrives before the peer's credentials is answered at once,
+    and once they arrive the agent "MUST proceed with the remaining steps": learn the
+    peer-reflexive candidate (7.3.1.3) and queue a triggered check to it (7.3.1.4).
+
+    Seen in the NAT lab (no NAT vs symmetric NAT): the answerer's first check reached the
+    offerer a few ms before the answerer's signalled credentials did; it was answered, so the
+    answerer never sent it again, but the offerer forgot it and never learned the symmetric
+    NAT's mapping. Every pair the offerer could form failed, and ICE chose the TURN relay
+    although a direct path existed."""
+    a = fresh_agent()
+    out, _ = a.on_datagram(0, SYMMETRIC_MAPPING, peer_check(priority=1234567), 0.01)
+    assert response_to(out, SYMMETRIC_MAPPING).cls is MessageClass.SUCCESS
+    assert a.remote_candidates == [] and a.pairs == {}
+    a.set_remote_credentials(B_UFRAG, B_PASSWORD)
+    learned = a.remote_candidates[-1]
+    assert (learned.type, learned.address, learned.priority) == (
+        CandidateType.PRFLX,
+        SYMMETRIC_MAPPING,
+        1234567,
+    )
+    assert pair_to(a, SYMMETRIC_MAPPING).state is PairState.WAITING
+    assert a.add_remote_candidate(cand(B_ADDR), 0.02) == []  # signalled after: checked later
+    first = only(a.start(0.03))
+    assert first.destination == SYMMETRIC_MAPPING  # the triggered check goes first
+    a.on_datagram(0, SYMMETRIC_MAPPING, answer(first), 0.04)
+    assert pair_to(a, SYMMETRIC_MAPPING).state is PairState.SUCCEEDED
+
+
+def test_early_use_candidate_selects_on_the_controlled_side() -> None:
+    """7.3.1.5 for an early check: a USE-CANDIDATE that came before the credentials still
+    nominates its pair; the controlled agent selects it once its triggered check succeeds."""
+    a = fresh_agent(controlling=False)
+    a.on_datagram(0, B_ADDR, peer_check(controlling=True, use_candidate=True), 0.01)
+    a.set_remote_credentials(B_UFRAG, B_PASSWORD)
+    assert pair_to(a, B_ADDR).use_candidate_seen
+    check = only(a.start(0.02))
+    assert check.destination == B_ADDR
+    a.on_datagram(0, B_ADDR, answer(check), 0.03)
+    assert a.state is IceState.CONNECTED
+    assert a.selected is pair_to(a, B_ADDR)
+
+
+def test_early_checks_of_another_session_and_beyond_the_limit_are_forgotten() -> None:
+    """Only early checks naming the credentials that then arrive are processed (a check with
+    another remote ufrag belongs to an earlier session), and at most MAX_EARLY_CHECKS are
+    kept; every one is answered all the same."""
+    a = fresh_agent()
+    stale: Address = ("198.51.100.30", 4000)
+    out, _ = a.on_datagram(0, stale, peer_check(username=f"{A_UFRAG}:old"), 0.0)
+    assert response_to(out, stale).cls is MessageClass.SUCCESS
+    sources = [("198.51.100.40", 10000 + i) for i in range(MAX_EARLY_CHECKS + 5)]
+    for source in sources:
+        out, _ = a.on_datagram(0, source, peer_check(), 0.0)
+        assert response_to(out, source).cls is MessageClass.SUCCESS
+    a.set_remote_credentials(B_UFRAG, B_PASSWORD)
+    learned = [c.address for c in a.remote_candidates]
+    assert learned == sources[: MAX_EARLY_CHECKS - 1]  # the stale one took a place
+
+
+def test_signalled_candidate_replaces_peer_reflexive_one() -> None:
+    """Trickle: B's check overtakes B's signalled host candidate, so A first knows B_ADDR as
+    peer-reflexive. When the candidate is signalled, it takes the prflx one's place (type,
+    foundation, priority), in the pair too, whose state is kept; A's other base is paired with
+    it as with any signalled candidate. So a host-to-host path is reported as host -> host."""
+    second = LocalCandidate(cand(("192.0.2.1", 5001), local_pref=40000), 1, ("192.0.2.1", 5001))
+    a = agent(locals_=(local(), second), ended=False)
+    a.start(0.0)
+    a.on_datagram(0, B_ADDR, peer_check(), 0.01)
+    check = only(a.on_timer(0.05))
+    a.on_datagram(0, B_ADDR, answer(check), 0.06)
+    pair = pair_to(a, B_ADDR)
+    assert (pair.remote.type, pair.state) == (CandidateType.PRFLX, PairState.SUCCEEDED)
+    signalled = cand(B_ADDR)
+    a.add_remote_candidate(signalled, 0.07)
+    assert a.remote_candidates == [signalled]
+    assert pair_to(a, B_ADDR) is pair
+    assert (pair.remote, pair.state) == (signalled, PairState.SUCCEEDED)
+    assert pair.priority == pair_priority(True, pair.local.candidate.priority, signalled.priority)
+    assert pair_to(a, B_ADDR, base_id=1).remote == signalled
+    a.add_remote_candidate(cand(B_ADDR, CandidateType.SRFLX), 0.08)  # a duplicate: ignored
+    assert a.remote_candidates == [signalled]
+
+
+def test_checks_after_failure_are_answered_but_not_remembered() -> None:
+    """A failed agent still answers checks (the peer may be slower to give up) but neither
+    learns candidates nor queues triggered checks."""
+    a = agent(remotes=(cand(B_ADDR),), failure_timeout=1.0)
+    a.start(0.0)
+    a.on_timer(1.0)
+    assert a.state is IceState.FAILED
+    source: Address = ("198.51.100.9", 7777)
+    out, _ = a.on_datagram(0, source, peer_check(), 1.1)
+    assert response_to(out, source).cls is MessageClass.SUCCESS
+    assert source not in [c.address for c in a.remote_candidates]
 
 
 @pytest.mark.parametrize(

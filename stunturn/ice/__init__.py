@@ -1,6 +1,14 @@
 """Sans-IO ICE (RFC 8445): candidates, the check list and its state table, the agent."""
 
-from .agent import CHECK_POLICY, IceAgent, IceState, SendDatagram, new_password, new_ufrag
+from .agent import (
+    CHECK_POLICY,
+    MAX_EARLY_CHECKS,
+    IceAgent,
+    IceState,
+    SendDatagram,
+    new_password,
+    new_ufrag,
+)
 from .candidate import (
     Candidate,
     CandidateError,
@@ -14,6 +22,7 @@ from .checklist import TRANSITIONS, LocalCandidate, Pair, PairEvent, PairState, 
 
 __all__ = [
     "CHECK_POLICY",
+    "MAX_EARLY_CHECKS",
     "TRANSITIONS",
     "Candidate",
     "CandidateError",

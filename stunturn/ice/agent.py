@@ -14,7 +14,9 @@ Behaviour in brief:
   ``check_policy`` (RTO 500 ms doubling, 4 transmissions, 5.5 s to give up).
 * Role conflicts are repaired both ways (487 and the tie-breaker rule, section 7.3.1.1).
   Unknown sources of valid checks become peer-reflexive remote candidates, unknown mapped
-  addresses peer-reflexive local ones.
+  addresses peer-reflexive local ones. Checks that arrive before the peer's credentials are
+  answered at once and processed when the credentials come (section 7.3); a candidate signalled
+  later at the address of a peer-reflexive one replaces it (trickle).
 * Regular nomination (section 8.1.1): the controlling agent waits until no pair of higher
   priority than the best valid one is still pending, or ``nomination_wait`` after the first valid
   pair, then sends one more check with USE-CANDIDATE on the best valid pair. Direct pairs outrank
@@ -70,6 +72,8 @@ log = logging.getLogger("stunturn.ice")
 CHECK_POLICY = RetransmitPolicy(rto=0.5, rc=4, rm=4)
 """Connectivity checks: sends at 0, 0.5, 1.5 and 3.5 s, failure at 5.5 s."""
 MAX_PAIRS = 100
+MAX_EARLY_CHECKS = 32
+"""Checks remembered while the peer's credentials are unknown (section 7.3)."""
 
 
 class IceState(StrEnum):
@@ -88,6 +92,19 @@ class SendDatagram:
     base_id: int
     destination: Address
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """A check we answered with a success: what sections 7.3.1.3-7.3.1.5 need of it."""
+
+    base_id: int
+    source: Address
+    priority: int
+    use_candidate: bool
+    remote_ufrag: str
+    """The sender's part of USERNAME (after our ufrag and the colon)."""
+    received: float
 
 
 def new_ufrag() -> str:
@@ -155,11 +172,16 @@ class IceAgent:
         self._out: list[SendDatagram] = []
         self._prflx_seq = 0
         self._last_tick = 0.0
+        self._early: list[_Check] = []
+        """Checks answered before the remote credentials were known (section 7.3)."""
 
     # --- setup -----------------------------------------------------------------------------
 
     def set_remote_credentials(self, ufrag: str, password: str) -> None:
+        """The peer's ufrag and password. Checks that arrived before (answered at once) are
+        now processed: peer-reflexive candidates, triggered checks, USE-CANDIDATE."""
         self.remote_ufrag, self.remote_password = ufrag, password
+        self._replay_early()
 
     def add_local_candidate(self, local: LocalCandidate, now: float) -> list[SendDatagram]:
         """A gathered candidate (trickle). Server-reflexive ones are signalled, not paired."""
@@ -174,14 +196,32 @@ class IceAgent:
         """A candidate from the peer (trickle). Only UDP candidates with an IP are used."""
         if remote.transport != "udp" or not _is_ip(remote.host):
             return self._flush()
-        if any(c.address == remote.address for c in self.remote_candidates):
+        known = next((c for c in self.remote_candidates if c.address == remote.address), None)
+        if known is None:
+            self.remote_candidates.append(remote)
+        elif known.type is CandidateType.PRFLX and remote.type is not CandidateType.PRFLX:
+            self._replace_prflx(known, remote)
+        else:
             return self._flush()
-        self.remote_candidates.append(remote)
         for local in self.local_candidates:
             if local.candidate.type is not CandidateType.SRFLX:
                 self._pair(local, remote)
         self._wake(now)
         return self._flush()
+
+    def _replace_prflx(self, known: Candidate, remote: Candidate) -> None:
+        """A signalled candidate at the address of a peer-reflexive one learnt from an early
+        check (trickle: the check overtook the signalling) is the same endpoint: it takes the
+        peer-reflexive one's place, in the pairs too (their states are kept), so the path is
+        reported as what it is (host, srflx, relay) and is paired with every local base.
+        libwebrtc does the same."""
+        self.remote_candidates[self.remote_candidates.index(known)] = remote
+        for pair in self.pairs.values():
+            if pair.remote is known:
+                pair.remote = remote
+                pair.priority = pair_priority(
+                    self.controlling, pair.local.candidate.priority, remote.priority
+                )
 
     def end_of_remote_candidates(self) -> None:
         self.remote_done = True
@@ -204,6 +244,7 @@ class IceAgent:
         self._checks.clear()
         self._consent.clear()
         self._triggered.clear()
+        self._early.clear()
 
     # --- pairs --------------------------------------------------------------------------------
 
@@ -352,19 +393,50 @@ class IceAgent:
         response = Message(Method.BINDING, MessageClass.SUCCESS, msg.transaction_id)
         response.attributes.append(XorMappedAddress(*source))
         self._out.append(SendDatagram(base_id, source, response.encode(key, fingerprint=True)))
-        if self.state in (IceState.FAILED, IceState.CLOSED) or self.remote_password is None:
+        if self.state in (IceState.FAILED, IceState.CLOSED):
             return
+        prio = msg.get(Priority)
+        check = _Check(
+            base_id,
+            source,
+            prio.value if prio else 0,
+            msg.get(UseCandidate) is not None,
+            username.value[len(self.local_ufrag) + 1 :],
+            now,
+        )
+        if self.remote_password is None:
+            # Section 7.3: "it is possible (and in fact very likely) that the initiating agent
+            # will receive a Binding request prior to receiving the candidates from its peer.
+            # If this happens, the agent MUST immediately generate a response [...] Once the
+            # answer is received, it MUST proceed with the remaining steps required, namely,
+            # Sections 7.3.1.3, 7.3.1.4, and 7.3.1.5". Dropping them loses the one check a
+            # symmetric NAT's peer-reflexive mapping shows itself with (see _replay_early).
+            if len(self._early) < MAX_EARLY_CHECKS:
+                self._early.append(check)
+            return
+        self._process_check(check, now)
+
+    def _replay_early(self) -> None:
+        """Sections 7.3.1.3-7.3.1.5 for the checks answered before the credentials came."""
+        early, self._early = self._early, []
+        for check in early:
+            if check.remote_ufrag == self.remote_ufrag:  # else from another session: ignore
+                self._process_check(check, check.received)
+
+    def _process_check(self, check: _Check, now: float) -> None:
+        """Section 7.3.1.3 (peer-reflexive remote), 7.3.1.4 (triggered check), 7.3.1.5
+        (USE-CANDIDATE) for a check that was answered with a success."""
+        base_id, source = check.base_id, check.source
         remote = next((c for c in self.remote_candidates if c.address == source), None)
         if remote is None:
-            prio = msg.get(Priority)
-            remote = self._learn_remote_prflx(source, prio.value if prio else 0)
+            remote = self._learn_remote_prflx(source, check.priority)
         local = self._local_for_base(base_id)
         if local is None:
             return
         pair = self.pairs.get((base_id, source)) or self._pair(local, remote)
         if pair is None:
             return
-        if msg.get(UseCandidate) is not None and not self.controlling:
+        if check.use_candidate and not self.controlling:
             pair.use_candidate_seen = True
             if pair.state is PairState.SUCCEEDED and self.selected is None:
                 self._select(pair, now)

@@ -78,6 +78,14 @@ SERVER_IPS = ("203.0.113.1", "203.0.113.2")
 STUN_PORT = 3478
 PUBLIC_LAN_BLOCKS = "192.0.2"
 """Routed public LANs (flavours NONE and FIREWALL) get a /27 of 192.0.2.0/24 each (8 at most)."""
+PUBLIC_RANGES = ("198.51.100.0/24", "192.0.2.0/24", "203.0.113.0/24")
+"""The lab's "Internet": the routers' (NATs') public addresses, the public LANs, and the servers
+and public hosts. Documentation ranges, which a TURN server refuses as peers by default, so
+:meth:`Lab.start_stunturn` with ``turn=True`` allows them (``--allow-peer``); 203.0.113.0/24
+includes the relay address itself, for relay-to-relay paths."""
+TURN_USER = "lab"
+TURN_PASSWORD = "lab-secret"
+"""The TURN user of :meth:`Lab.start_stunturn` with ``turn=True``."""
 
 WAN_IF = "wan0"
 LAN_IF = "lan0"
@@ -340,7 +348,8 @@ def setns(path: str) -> None:
         os.close(fd)
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
+def kill_process_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``proc``'s process group (it was started in its own session) and reap it."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -791,12 +800,20 @@ class Lab:
 
     def start_stunturn(self, *args: str, rfc5780: bool = True, turn: bool = False) -> LabServer:
         """``stunturn serve`` in the WAN namespace on 203.0.113.1:3478 (with ``rfc5780``, also
-        ``--alt-address 203.0.113.2``: 2 IPs x ports 3478/3479), one worker, ``--no-turn``
-        unless ``turn``; ``args`` are appended. Waits until it listens."""
+        ``--alt-address 203.0.113.2``: 2 IPs x ports 3478/3479), one worker; ``args`` are
+        appended. Waits until it listens.
+
+        Without ``turn``: ``--no-turn``. With it: TURN for user :data:`TURN_USER` /
+        :data:`TURN_PASSWORD`, relaying from 203.0.113.1 to peers in :data:`PUBLIC_RANGES`
+        (the lab's Internet; LAN-private addresses stay refused, as on a public server)."""
         argv = ["--listen", f"{self.server_ips[0]}:{STUN_PORT}", "--workers", "1"]
         if rfc5780:
             argv += ["--alt-address", self.server_ips[1]]
-        if not turn:
+        if turn:
+            argv += ["--user", f"{TURN_USER}:{TURN_PASSWORD}"]
+            for cidr in PUBLIC_RANGES:
+                argv += ["--allow-peer", cidr]
+        else:
             argv.append("--no-turn")
         server = LabServer(self.wan, [*argv, *args])
         self._servers.append(server)
@@ -839,7 +856,7 @@ class Lab:
             server.close()
         self._servers.clear()
         for proc in self._procs:
-            _kill_group(proc)
+            kill_process_group(proc)
             for stream in (proc.stdout, proc.stderr, proc.stdin):
                 if stream is not None:
                     with contextlib.suppress(OSError):
@@ -974,7 +991,7 @@ class LabServer:
         return self
 
     def close(self) -> None:
-        _kill_group(self.proc)
+        kill_process_group(self.proc)
         for thread in self._threads:
             thread.join(KILL_TIMEOUT)
         for stream in (self.proc.stdout, self.proc.stderr):
@@ -1114,6 +1131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--udp-timeout", type=int, metavar="S", help="short UDP mapping lifetime")
     parser.add_argument("--no-server", action="store_true", help="no stunturn in the WAN")
     parser.add_argument(
+        "--turn",
+        action="store_true",
+        help=f"the server serves TURN too (user {TURN_USER}, password {TURN_PASSWORD})",
+    )
+    parser.add_argument(
         "--hold",
         type=float,
         default=1800.0,
@@ -1131,7 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Flavour(value), args.hosts, hairpin=args.hairpin, udp_timeout=args.udp_timeout
             )
         if not args.no_server:
-            server = lab.start_stunturn()
+            server = lab.start_stunturn(turn=args.turn)
             print("stunturn serve in the WAN:", ", ".join(server.listeners))
         print(lab.describe())
         print("\nenter a namespace:  ip netns exec NAME bash")
