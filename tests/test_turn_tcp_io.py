@@ -55,6 +55,7 @@ class StreamClient:
         self.frames: list[bytes] = []
         self.realm = realm
         self.nonce = nonce
+        self.rest = b""
 
     def close(self) -> None:
         self.sock.close()
@@ -193,7 +194,15 @@ def bind_data(target: Address, control: StreamClient, conn_id: int) -> StreamCli
     data = StreamClient(target, control.realm, control.nonce)
     response = data.request(Method.CONNECTION_BIND, ConnectionId(conn_id))
     assert response.cls is MessageClass.SUCCESS, response
+    # Peer bytes may have come in the same read as the response: they are raw data.
+    data.rest = data.framer.take()
     return data
+
+
+def read_raw(client: StreamClient, n: int) -> bytes:
+    """``n`` bytes of a data connection (first what came with the ConnectionBind response)."""
+    head, client.rest = client.rest[:n], client.rest[n:]
+    return head + (recv_exactly(client.sock, n - len(head)) if len(head) < n else b"")
 
 
 def test_connect_bind_and_relay_both_ways(server: InProcessServer) -> None:
@@ -209,10 +218,10 @@ def test_connect_bind_and_relay_both_ways(server: InProcessServer) -> None:
         assert conn_id is not None
         time.sleep(0.1)  # the greeting reaches the server before the bind
         data = bind_data(target, control, conn_id.value)
-        assert recv_exactly(data.sock, 19) == b"hello from the peer"
+        assert read_raw(data, 19) == b"hello from the peer"
         payload = bytes(range(256)) * 64  # 16 KiB, not STUN-framed: raw bytes
         data.sock.sendall(payload)
-        assert recv_exactly(data.sock, len(payload)) == payload
+        assert read_raw(data, len(payload)) == payload
         assert peer.seen == [relayed]
         turn = server.worker.core.turn if server.worker else None
         assert turn is not None
@@ -263,7 +272,7 @@ def test_inbound_connection_attempt(server: InProcessServer) -> None:
     assert peer_attr is not None and conn_id is not None
     assert peer_attr.address == peer.getsockname()[:2]
     data = bind_data(target, control, conn_id.value)
-    assert recv_exactly(data.sock, 11) == b"early bytes"
+    assert read_raw(data, 11) == b"early bytes"
     data.sock.sendall(b"reply")
     assert recv_exactly(peer, 5) == b"reply"
     # Ending the allocation (closing the control connection) closes the data connections.
@@ -327,8 +336,28 @@ def test_connection_bind_reaches_the_right_worker(stunturn_server: object) -> No
             assert conn_id is not None
             data = bind_data(target, control, conn_id.value)
             data.sock.sendall(b"ping %d" % round_)
-            assert recv_exactly(data.sock, 5 + len(str(round_))) == b"ping %d" % round_
+            assert read_raw(data, 5 + len(str(round_))) == b"ping %d" % round_
             data.close()
             control.close()
     finally:
         peer.close()
+
+
+def test_failed_bind_then_more_requests_in_one_write(server: InProcessServer) -> None:
+    """A ConnectionBind that fails (unknown id) followed, in the same write, by a Binding
+    request: the connection stays a STUN connection and both get their answers."""
+    target = server.addr("tcp")
+    control, _ = allocate_tcp(target)
+    data = StreamClient(target, control.realm, control.nonce)
+    key = long_term_key(USER, control.realm or "", PASSWORD, PASSWORD_ALGORITHM_MD5)
+    bind = Message(
+        Method.CONNECTION_BIND, MessageClass.REQUEST, new_transaction_id(), [ConnectionId(99)]
+    )
+    bind.attributes += [Username(USER), Realm(control.realm or ""), Nonce(control.nonce or "")]
+    binding = Message(Method.BINDING, MessageClass.REQUEST, new_transaction_id())
+    data.sock.sendall(bind.encode(key) + binding.encode())
+    first, second = data.recv_message(), data.recv_message()
+    assert (first.method, code_of(first)) == (Method.CONNECTION_BIND, 400)
+    assert (second.method, second.cls) == (Method.BINDING, MessageClass.SUCCESS)
+    data.close()
+    control.close()

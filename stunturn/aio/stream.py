@@ -103,14 +103,17 @@ class StreamConnection(asyncio.Protocol):
         if frames:
             self._started = True
         handle = worker.core.handle_stream_frame
-        for frame in frames:
-            for action in handle(frame, self.local, self.remote, self.kind, now):
-                if isinstance(action, RelayTo):
-                    worker.relay(action)
-                elif isinstance(action, Splice):
-                    self._splice(action.peer_connection)
-                elif action.remote == self.remote:
-                    transport.write(action.data)
+        while frames:
+            for frame in frames:
+                for action in handle(frame, self.local, self.remote, self.kind, now):
+                    if isinstance(action, RelayTo):
+                        worker.relay(action)
+                    elif isinstance(action, Splice):
+                        self._splice(action.peer_connection)
+                    elif action.remote == self.remote:
+                        transport.write(action.data)
+            # Framing stops after a ConnectionBind; if it did not splice, go on framing.
+            frames = [] if self.pipe is not None else self._more_frames(frames[-1])
         worker.rearm()
         if self.pipe is not None:
             rest = self.framer.take()
@@ -124,6 +127,17 @@ class StreamConnection(asyncio.Protocol):
                 self._arm("message", worker.config.message_timeout)
         elif self._timer_kind != "idle":
             self._arm("idle", worker.config.idle_timeout)
+
+    def _more_frames(self, last: bytes) -> list[bytes]:
+        if ((last[0] << 8) | last[1]) != _CONNECTION_BIND_REQUEST or not self.framer.buffered:
+            return []
+        try:
+            return self.framer.feed(b"", _CONNECTION_BIND_REQUEST)
+        except FramingError:
+            self.worker.core.count_malformed()
+            if self.transport is not None:
+                self.transport.abort()
+            return []
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()

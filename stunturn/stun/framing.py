@@ -60,7 +60,8 @@ class StreamFramer:
         while end - pos >= 4:
             first = buf[pos]
             if stop_type >= 0 and frames and ((frames[-1][0] << 8) | frames[-1][1]) == stop_type:
-                return self._keep(frames, pos)
+                del buf[:pos]
+                return frames
             length = (buf[pos + 2] << 8) | buf[pos + 3]
             if first < 0x40:
                 size = total = 20 + length
@@ -79,10 +80,6 @@ class StreamFramer:
             del buf[:pos]
         if len(buf) > self.max_buffer:
             raise FramingError(f"more than {self.max_buffer} bytes buffered")
-        return frames
-
-    def _keep(self, frames: list[bytes], pos: int) -> list[bytes]:
-        del self._buf[:pos]
         return frames
 
     def take(self) -> bytes:
