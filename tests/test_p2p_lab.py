@@ -324,12 +324,6 @@ async def _gather_with_check_answered_first() -> list[Candidate]:
         peer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stunturn/aio/ice.py _gather_srflx(_from): a mapped address already known as a "
-    "peer-reflexive local candidate (learnt from a check's answer) is taken for a duplicate, "
-    "so the server-reflexive candidate is never signalled",
-)
 def test_srflx_signalled_when_a_check_found_the_mapping_first() -> None:
     """Seen in the lab (no NAT offerer vs cone NAT answerer): the answerer's check to the
     public peer was answered before the STUN server's Binding response arrived; the check's

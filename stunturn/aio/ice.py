@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from ..ice import (
 from ..stun import Address, Message, MessageClass, Method, StunParseError, decode
 from ..stun.attributes import XorMappedAddress
 from ..stun.transaction import ClientTransaction, RetransmitPolicy
+from ..turn.client import TurnUsageError
 from .netif import interface_addresses
 from .turnclient import TurnClient, TurnClientError
 
@@ -41,6 +43,8 @@ log = logging.getLogger("stunturn.ice")
 
 GATHER_POLICY = RetransmitPolicy(rto=0.5, rc=4, rm=2)
 """Server-reflexive gathering: 0, 0.5, 1.5, 3.5 s, give up at 4.5 s."""
+RECEIVE_QUEUE = 4096
+"""Received datagrams waiting for recv(); more are dropped (counted in ``dropped``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +78,17 @@ class IceConnection:
 
     Args:
         controlling: the role (the offerer is usually controlling).
-        stun: STUN servers for server-reflexive candidates.
+        stun: STUN servers for server-reflexive candidates, as (host, port); a host name is
+            resolved (without blocking the loop) when gathering starts.
         turn: TURN servers for relayed candidates.
         include_loopback: also use loopback addresses as host candidates (tests, one machine).
         relay_only: offer relayed candidates only (hide local addresses, force the relay).
-        host_addresses: use exactly these local addresses instead of enumerating interfaces.
+        host_addresses: use exactly these local IP addresses instead of enumerating
+            interfaces (ValueError for anything that is not an IP address).
         agent_options: passed to :class:`IceAgent` (e.g. ``failure_timeout``).
+
+    :meth:`recv` raises ConnectionError once ICE has failed (consent lost included) or the
+    connection was closed; :meth:`send` raises it when no pair is selected.
     """
 
     def __init__(
@@ -94,6 +103,11 @@ class IceConnection:
         relay_only: bool = False,
         **agent_options: Any,
     ) -> None:
+        for ip in host_addresses or ():
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"host address {ip!r} is not an IP address") from None
         self.agent = IceAgent(controlling, tie_breaker=tie_breaker, **agent_options)
         self.stun = list(stun)
         self.turn = list(turn)
@@ -107,12 +121,18 @@ class IceConnection:
         self._next_base = 0
         self._gathering = _Gathering()
         self._timer: asyncio.TimerHandle | None = None
-        self._incoming: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
+        self._incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+        """Application datagrams; None once the connection has failed or closed."""
+        self._ended = False
+        self._channel_task: asyncio.Task[None] | None = None
         self._state_changed = asyncio.Event()
         self._candidates: asyncio.Queue[Candidate | None] = asyncio.Queue()
         self._relay_channels: set[tuple[int, Address]] = set()
         self.dropped = 0
         """Application datagrams dropped because the receive queue was full."""
+        self.gather_errors: list[str] = []
+        """Why candidates are missing (a host address that cannot be bound, a STUN server that
+        does not answer, a TURN allocation that failed); failures cite them."""
 
     # --- credentials --------------------------------------------------------------------------
 
@@ -178,12 +198,14 @@ class IceConnection:
                     CandidateType.HOST,
                 )
                 self._add_local(cand, host.base_id, host.address)
-            jobs = [self._gather_srflx(server) for server in self.stun]
+            # Relay-only sends nothing but TURN requests (no STUN, not even a name lookup).
+            jobs = [] if self.relay_only else [self._gather_srflx(server) for server in self.stun]
             jobs += [self._gather_relay(spec, i) for i, spec in enumerate(self.turn)]
             await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             self.agent.end_of_local_candidates()
             self._candidates.put_nowait(None)
+            self._state_changed.set()
 
     def _open_host(self, ip: str) -> _HostSocket | None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -195,6 +217,7 @@ class IceConnection:
             sock.setblocking(False)
         except OSError as exc:
             log.debug("cannot bind a host candidate on %s: %s", ip, exc)
+            self.gather_errors.append(f"host {ip}: {exc}")
             sock.close()
             return None
         host = _HostSocket(self._new_base(), sock, (ip, int(sock.getsockname()[1])))
@@ -202,9 +225,35 @@ class IceConnection:
         self.loop.add_reader(sock.fileno(), self._on_host_readable, host)
         return host
 
+    async def _resolve(self, server: Address) -> list[Address]:
+        """The server's addresses, one per family (IP literals as they are)."""
+        host, port = server
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [server]
+        try:
+            infos = await self.loop.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP
+            )
+        except OSError as exc:
+            log.info("STUN server %s: cannot resolve: %s", host, exc)
+            self.gather_errors.append(f"STUN server {host}: cannot resolve: {exc}")
+            return []
+        found: dict[int, Address] = {}
+        for family, _, _, _, sockaddr in infos:
+            found.setdefault(family, (str(sockaddr[0]), int(sockaddr[1])))
+        return list(found.values())
+
     async def _gather_srflx(self, server: Address) -> None:
         """A Binding from every host socket of the server's family; each distinct mapped
         address that differs from its base becomes a server-reflexive candidate."""
+        for address in await self._resolve(server):
+            await self._gather_srflx_from(address)
+
+    async def _gather_srflx_from(self, server: Address) -> None:
         waiters = []
         for host in list(self._hosts.values()):
             if (":" in host.address[0]) != (":" in server[0]):
@@ -219,10 +268,18 @@ class IceConnection:
         self._rearm()
         for host, future in waiters:
             mapped = await future
-            if mapped is None or mapped == host.address:
+            if mapped is None:
+                self.gather_errors.append(f"STUN server {server[0]}:{server[1]}: no answer")
                 continue
+            if mapped == host.address:
+                continue
+            # The same mapping from another STUN server is a duplicate; a peer-reflexive local
+            # candidate at this address (a check's answer came first) is not: those are never
+            # signalled (RFC 8445 section 7.2.5.3.1), so the peer would not learn the address.
             if any(
-                lc.candidate.address == mapped and lc.base_id == host.base_id
+                lc.candidate.address == mapped
+                and lc.base_id == host.base_id
+                and lc.candidate.type is not CandidateType.PRFLX
                 for lc in self.agent.local_candidates
             ):
                 continue
@@ -251,10 +308,15 @@ class IceConnection:
             )
         except Exception as exc:  # a TURN server that fails is one missing candidate
             log.info("TURN %s: no relayed candidate: %s", spec.server, exc)
+            self.gather_errors.append(f"TURN {spec.server}: {exc}")
             return
         self._relays[base_id] = client
         relayed = client.relayed_address
         mapped = client.mapped_address
+        if self.relay_only:
+            # Relay-only reveals no other address, the related (mapped) one included (RFC 9429
+            # section 3.5.3): a placeholder, 0.0.0.0 or :: with the discard port, instead.
+            mapped = ("::" if ":" in relayed[0] else "0.0.0.0", 9)
         cand = Candidate(
             foundation(CandidateType.RELAY, relayed[0], spec.server.host, spec.server.transport),
             1,
@@ -280,15 +342,23 @@ class IceConnection:
     # --- checks ------------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Run the checks until a pair is selected; raises ConnectionError on failure."""
+        """Run the checks until a pair is selected; raises ConnectionError on failure (at
+        once when gathering ended without a single local candidate)."""
         self._execute(self.agent.start(self._now()))
         while True:
             if self.agent.state is IceState.CONNECTED:
                 return
             if self.agent.state in (IceState.FAILED, IceState.CLOSED):
-                raise ConnectionError(self.agent.failure_reason or "ICE failed")
+                raise ConnectionError(self._failure(self.agent.failure_reason or "ICE failed"))
+            if self.agent.local_done and not self.agent.local_candidates:
+                raise ConnectionError(self._failure("no local candidates"))
             self._state_changed.clear()
             await self._state_changed.wait()
+
+    def _failure(self, reason: str) -> str:
+        if self.gather_errors:
+            return f"{reason} (gathering: {'; '.join(dict.fromkeys(self.gather_errors))})"
+        return reason
 
     # --- I/O -----------------------------------------------------------------------------------
 
@@ -334,11 +404,11 @@ class IceConnection:
     def _deliver(self, base_id: int, source: Address, data: bytes) -> None:
         actions, app = self.agent.on_datagram(base_id, source, data, self._now())
         self._execute(actions)
-        if app is not None:
-            try:
-                self._incoming.put_nowait(app)
-            except asyncio.QueueFull:
+        if app is not None and not self._ended:
+            if self._incoming.qsize() >= RECEIVE_QUEUE:
                 self.dropped += 1
+            else:
+                self._incoming.put_nowait(app)
 
     def _send_raw(self, host: _HostSocket, destination: Address, data: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -354,14 +424,25 @@ class IceConnection:
             if relay is not None:
                 try:
                     relay.send(action.destination, action.data)
-                except TurnClientError as exc:  # the allocation died: one base fewer
+                except (TurnClientError, TurnUsageError) as exc:  # the allocation died
                     log.info("relayed base %d lost: %s", action.base_id, exc)
                     del self._relays[action.base_id]
         self._after_event()
 
     def _after_event(self) -> None:
         self._state_changed.set()
+        state = self.agent.state
+        if state is IceState.CONNECTED and self._channel_task is None:
+            self._channel_task = self.loop.create_task(self.bind_relay_channel())
+        elif state in (IceState.FAILED, IceState.CLOSED):
+            self._end()
         self._rearm()
+
+    def _end(self) -> None:
+        """Wake every recv() waiting (and every later one) with ConnectionError."""
+        if not self._ended:
+            self._ended = True
+            self._incoming.put_nowait(None)
 
     def _rearm(self) -> None:
         deadlines = [tx.deadline for tx, _, _ in self._gathering.transactions.values()]
@@ -393,7 +474,10 @@ class IceConnection:
     # --- data ------------------------------------------------------------------------------------
 
     async def bind_relay_channel(self) -> None:
-        """Bind a TURN channel for the selected pair when it uses a relay (cheaper framing)."""
+        """Bind a TURN channel for the selected pair when it uses a relay (cheaper framing).
+
+        Started in the background when a pair is selected; data goes in Send indications
+        until the channel is bound."""
         pair = self.agent.selected
         if pair is None:
             return
@@ -405,10 +489,27 @@ class IceConnection:
                 await relay.bind_channel(pair.remote.address)
 
     def send(self, data: bytes) -> None:
+        """Send a datagram over the selected pair (never blocks; dropped when buffers are full,
+        like UDP). Raises ConnectionError when no pair is selected."""
+        if self.agent.state is not IceState.CONNECTED:
+            raise ConnectionError(self._not_connected())
         self._execute(self.agent.send(data))
 
     async def recv(self) -> bytes:
-        return await self._incoming.get()
+        """The next datagram from the peer. Raises ConnectionError once ICE has failed (e.g.
+        consent lost) or the connection was closed; datagrams received before are returned
+        first."""
+        data = await self._incoming.get()
+        if data is None:
+            self._incoming.put_nowait(None)  # for the next caller
+            raise ConnectionError(self._not_connected())
+        return data
+
+    def _not_connected(self) -> str:
+        state = self.agent.state
+        if state is IceState.FAILED:
+            return f"ICE failed: {self.agent.failure_reason}"
+        return f"not connected (ICE {state})"
 
     @property
     def state(self) -> IceState:
@@ -416,8 +517,14 @@ class IceConnection:
 
     async def close(self) -> None:
         self.agent.close()
+        self._end()
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        if self._channel_task is not None and not self._channel_task.done():
+            self._channel_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._channel_task
         for host in self._hosts.values():
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(host.sock.fileno())
@@ -429,4 +536,4 @@ class IceConnection:
         self._relays.clear()
 
 
-__all__ = ["GATHER_POLICY", "IceConnection", "TurnServerSpec"]
+__all__ = ["GATHER_POLICY", "RECEIVE_QUEUE", "IceConnection", "TurnServerSpec"]
