@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from stunturn import __version__
+from stunturn.aio.metrics import StatusError, fetch_status
 from stunturn.aio.tls import make_self_signed
 from stunturn.aio.turnsetup import default_user_db, ensure_default_user, peer_policy, prepare
 from stunturn.aio.workers import RunResult, StartupError, run_server
 from stunturn.auth import SqliteUsers, random_password, rest_password, rest_username
-from stunturn.config import ConfigError, ConfigErrors, ServerConfig, build_config, load_toml
+from stunturn.config import (
+    DEFAULT_METRICS_PORT,
+    ConfigError,
+    ConfigErrors,
+    ServerConfig,
+    build_config,
+    load_toml,
+    parse_metrics_endpoint,
+)
+from stunturn.fleet import (
+    FleetError,
+    RedisSecrets,
+    RedisUsers,
+    connect,
+    fingerprint,
+    fleet_errors,
+    redact_url,
+)
 from stunturn.logsetup import configure_logging
 
 from .config_cmd import config_group, preset_option
 from .p2p import p2p as p2p_command
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,6 +93,9 @@ SERVER_OPTIONS = (
     ("--auth-secret", {"multiple": True, "metavar": "SECRET",
                        "help": "TURN REST shared secret (repeatable, for rotation)."}),
     ("--auth-secret-algorithm", {"metavar": "ALG", "help": "sha1 (default) or sha256."}),
+    ("--redis", {"metavar": "URL",
+                 "help": "Share users, REST secrets and per-user/IP quotas with a fleet "
+                         "through this Redis (redis://HOST:PORT/DB; docs/fleet.md)."}),
     ("--relay-ip", {"multiple": True, "metavar": "IP",
                     "help": "Relay address (one IPv4, one IPv6). Default: the listen IP or "
                             "the address of the default route."}),
@@ -111,8 +136,25 @@ SERVER_OPTIONS = (
                          "help": "Unsent bytes a connection may hold before reading from it "
                                  "pauses (and relayed datagrams for it are dropped). "
                                  "Default 262144."}),
+    ("--external-ip", {"multiple": True, "metavar": "PUBLIC[/PRIV]",
+                       "help": "Behind a NAT: advertise PUBLIC for the local address PRIV "
+                               "(default: the relay address) in XOR-RELAYED-ADDRESS, "
+                               "RESPONSE-ORIGIN and OTHER-ADDRESS; ports stay. Repeatable "
+                               "(IPv4, IPv6, RFC 5780's second IP)."}),
+    ("--drain-timeout", {"metavar": "S",
+                         "help": "After SIGUSR1 (drain), exit once the last allocation ends "
+                                 "or after S seconds at most. Default 600."}),
+    ("--alternate-server", {"multiple": True, "metavar": "IP:PORT",
+                            "help": "While draining, answer Allocate with 300 Try Alternate "
+                                    "naming this server (one per family) instead of 508."}),
     ("--log-level", {"metavar": "LEVEL", "help": "debug, info, warning or error."}),
     ("--log-format", {"metavar": "FORMAT", "help": "text or json (default text)."}),
+    ("--metrics", {"metavar": "HOST:PORT",
+                   "help": "Serve /metrics (Prometheus), /live, /ready and /status over HTTP "
+                           "there, e.g. 127.0.0.1:9478 (keep it on localhost). Default off."}),
+    ("--admin-token", {"metavar": "TOKEN", "envvar": "STUNTURN_ADMIN_TOKEN",
+                       "help": "Bearer token for /status (`stunturn status`); also read from "
+                               "STUNTURN_ADMIN_TOKEN. Default none: /status is refused."}),
 )  # fmt: skip
 
 
@@ -170,6 +212,7 @@ def _run(config: ServerConfig) -> None:
                     ("static users", final.user),
                     (f"user store {final.user_db}", final.user_db),
                     ("REST secrets", final.auth_secret),
+                    (f"fleet Redis {redact_url(final.redis or '')}", final.redis),
                 )
                 if present
             ]
@@ -183,6 +226,8 @@ def _run(config: ServerConfig) -> None:
         click.echo(f"TURN: {turn}")
         for listener in listeners:
             click.echo(f"listening on {listener}")
+        if final.metrics is not None:
+            click.echo(f"metrics on http://{final.metrics}/metrics")
         sys.stdout.flush()
 
     try:
@@ -199,10 +244,17 @@ def _run(config: ServerConfig) -> None:
 
 @cli.group()
 def users() -> None:
-    """Manage the SQLite user store (it keeps derived keys, never passwords)."""
+    """Manage the user store: SQLite, or a fleet's Redis with --redis (either keeps derived
+    keys, never passwords)."""
 
 
 def _db_option(func: Callable[..., Any]) -> Any:
+    func = click.option(
+        "--redis",
+        "redis_url",
+        metavar="URL",
+        help="The fleet's Redis instead (redis://HOST:PORT/DB; docs/fleet.md).",
+    )(func)
     return click.option(
         "--user-db",
         "db",
@@ -220,54 +272,142 @@ def _open_store(db: str | None, create: bool) -> SqliteUsers:
         raise AssertionError("unreachable") from None
 
 
+@contextlib.contextmanager
+def _redis(url: str) -> Iterator[Redis]:
+    """A Redis client for a CLI command; any Redis problem ends it with ``redis: ...``."""
+    try:
+        client = connect(url)
+    except FleetError as exc:
+        _fail(f"redis: {exc}")
+        raise AssertionError("unreachable") from None
+    try:
+        with fleet_errors(url):
+            yield client
+    except FleetError as exc:
+        _fail(f"redis: {exc}")
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _users_store(
+    db: str | None, redis_url: str | None, create: bool
+) -> Iterator[tuple[SqliteUsers | RedisUsers, str]]:
+    """The store a ``users`` command works on, and how to name it."""
+    if redis_url:
+        if db:
+            _fail("redis: give --user-db or --redis, not both")
+        with _redis(redis_url) as client:
+            yield RedisUsers(client), redact_url(redis_url)
+        return
+    store = _open_store(db, create)
+    try:
+        yield store, str(store.path)
+    finally:
+        store.close()
+
+
 @users.command("add")
 @click.argument("name")
 @click.option("--password", help="Password (default: a random one, printed).")
 @click.option("--realm", default="stunturn", show_default=True, help="Realm of the server.")
 @_db_option
-def users_add(name: str, password: str | None, realm: str, db: str | None) -> None:
+def users_add(
+    name: str, password: str | None, realm: str, db: str | None, redis_url: str | None
+) -> None:
     """Add a user, or replace its password."""
     generated = password is None
     password = password or random_password()
-    store = _open_store(db, create=True)
-    try:
-        store.add(name, password, realm)
-    except ValueError as exc:
-        _fail(f"password: {exc}")
-    finally:
-        store.close()
-    click.echo(f"added {name} in realm {realm!r} to {store.path}")
+    with _users_store(db, redis_url, create=True) as (store, where):
+        try:
+            store.add(name, password, realm)
+        except ValueError as exc:
+            _fail(f"password: {exc}")
+    click.echo(f"added {name} in realm {realm!r} to {where}")
     if generated:
         click.echo(f"password: {password}")
 
 
 @users.command("list")
 @_db_option
-def users_list(db: str | None) -> None:
+def users_list(db: str | None, redis_url: str | None) -> None:
     """List users (name, realm, when added)."""
-    store = _open_store(db, create=False)
-    try:
+    with _users_store(db, redis_url, create=False) as (store, _):
         for record in store.users():
             added = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
             click.echo(f"{record.username}\t{record.realm}\t{added}Z")
-    finally:
-        store.close()
 
 
 @users.command("remove")
 @click.argument("name")
 @click.option("--realm", help="Only in this realm (default: every realm).")
 @_db_option
-def users_remove(name: str, realm: str | None, db: str | None) -> None:
+def users_remove(name: str, realm: str | None, db: str | None, redis_url: str | None) -> None:
     """Remove a user."""
-    store = _open_store(db, create=False)
-    try:
+    with _users_store(db, redis_url, create=False) as (store, where):
         removed = store.remove(name, realm)
-    finally:
-        store.close()
     if not removed:
-        _fail(f"no user {name!r} in {store.path}")
+        _fail(f"no user {name!r} in {where}")
     click.echo(f"removed {name}")
+
+
+# --- secrets (TURN REST, in a fleet's Redis) ----------------------------------------------
+
+
+@cli.group("secrets")
+def secrets_group() -> None:
+    """Manage the TURN REST secrets of a fleet, kept in Redis. Servers started with --redis
+    read them every few seconds (docs/fleet.md)."""
+
+
+_REDIS_REQUIRED = click.option(
+    "--redis", "redis_url", required=True, metavar="URL", help="The fleet's Redis URL."
+)
+
+
+@secrets_group.command("add")
+@click.argument("secret", required=False)
+@_REDIS_REQUIRED
+def secrets_add(secret: str | None, redis_url: str) -> None:
+    """Add SECRET (`-`: read it from stdin; default: a random one, printed once)."""
+    generated = secret is None
+    if secret == "-":
+        secret = sys.stdin.readline().strip()
+    secret = secret or random_password(32)
+    if len(secret) < 16:
+        _fail("secret: use at least 16 random characters (e.g. `openssl rand -hex 32`)")
+    with _redis(redis_url) as client:
+        added = RedisSecrets(client).add(secret)
+    state = "added" if added else "already present:"
+    click.echo(f"{state} secret {fingerprint(secret)} in {redact_url(redis_url)}")
+    if generated:
+        click.echo(f"secret: {secret}")
+
+
+@secrets_group.command("list")
+@_REDIS_REQUIRED
+def secrets_list(redis_url: str) -> None:
+    """List the secrets by fingerprint (SHA-256 prefix) and when they were added."""
+    with _redis(redis_url) as client:
+        for info in RedisSecrets(client).listing():
+            added = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.added))
+            click.echo(f"{info.fingerprint}\t{added}Z")
+
+
+@secrets_group.command("remove")
+@click.argument("ident", metavar="FINGERPRINT|SECRET")
+@_REDIS_REQUIRED
+def secrets_remove(ident: str, redis_url: str) -> None:
+    """Remove a secret, named by its fingerprint (6+ hex digits) or itself."""
+    with _redis(redis_url) as client:
+        store = RedisSecrets(client)
+        found = store.matching(ident)
+        if len(found) > 1:
+            _fail(f"secret: {ident!r} matches {len(found)} secrets; give more digits")
+        if not found:
+            _fail(f"secret: none matches {ident!r} in {redact_url(redis_url)}")
+        store.remove(found[0])
+    click.echo(f"removed secret {fingerprint(found[0])}")
 
 
 # --- credentials (TURN REST) --------------------------------------------------------------
@@ -335,6 +475,80 @@ def check_peer(address: str, config_file: str | None, **options: Any) -> None:
     decision = peer_policy(config).check(host, port)
     click.echo(f"{address}: {decision}")
     sys.exit(0 if decision.allowed else 1)
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--metrics",
+    "address",
+    default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="The server's --metrics address.",
+)
+@click.option(
+    "--token",
+    envvar="STUNTURN_ADMIN_TOKEN",
+    metavar="TOKEN",
+    help="The server's --admin-token (default: $STUNTURN_ADMIN_TOKEN).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON document.")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 120),
+              help="Seconds to wait for the server.")  # fmt: skip
+def status(address: str, token: str | None, as_json: bool, timeout: float) -> None:
+    """List the live TURN allocations of a running server (user, client, relay, peers, age,
+    bytes each way), read from its /status endpoint."""
+    try:
+        endpoint = parse_metrics_endpoint(address)
+        document = fetch_status(endpoint, token, timeout)
+    except (ConfigError, StatusError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    for line in _status_lines(document):
+        click.echo(line)
+
+
+def _status_lines(document: dict[str, Any]) -> list[str]:
+    def size(n: int) -> str:
+        value = float(n)
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if value < 1024 or unit == "GiB":
+                return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+            value /= 1024
+        raise AssertionError("unreachable")
+
+    def age(seconds: float) -> str:
+        s = int(seconds)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+    header = ("WORKER", "USER", "CLIENT", "RELAY", "PEERS", "AGE", "TO PEER", "TO CLIENT")
+    rows = [header]
+    for a in sorted(document["allocations"], key=lambda a: (-a["age"], a["worker"], a["id"])):
+        peers = [*a["peers"], *a["tcp_peers"]]
+        rows.append((
+            str(a["worker"]), a["user"], f"{a['transport']} {a['client']}",
+            ",".join(a["relays"]), ",".join(peers) or "-", age(a["age"]),
+            size(a["bytes_to_peer"]), size(a["bytes_to_client"]),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows] if len(rows) > 1 else []  # fmt: skip
+    workers = document.get("workers", [])
+    down = [str(w["worker"]) for w in workers if not w.get("up")]
+    truncated = sum(w.get("truncated", 0) for w in workers)
+    count = len(rows) - 1
+    summary = f"{count} allocation{'s' if count != 1 else ''}, {len(workers)} worker(s)"
+    if truncated:
+        summary += f", {truncated} more not listed"
+    if down:
+        summary += f"; no answer from worker {', '.join(down)}"
+    return [*lines, summary]
 
 
 cli.add_command(p2p_command)

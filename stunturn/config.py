@@ -14,10 +14,12 @@ problem (``field: message``) and carries the rest. The server refuses to start o
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from .turn.policy import LOOPBACK
 
 DEFAULT_PORT = 3478
 DEFAULT_TLS_PORT = 5349
+DEFAULT_METRICS_PORT = 9478
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -122,6 +125,7 @@ _TURN_ONLY = (
     "allow_loopback_peers",
     "deny_other_peers",
     "nonce_secret",
+    "redis",
 )
 """Settings that mean nothing without TURN (a warning names them when TURN is off)."""
 
@@ -157,6 +161,8 @@ class ServerConfig:
     user_db: str | None = None
     auth_secret: tuple[str, ...] = ()
     auth_secret_algorithm: str = "sha1"
+    redis: str | None = None
+    """``redis://HOST:PORT/DB``: users, REST secrets, quotas shared by a fleet (docs/fleet.md)."""
     relay_ip: tuple[str, ...] = ()
     relay_ports: tuple[int, int] = (49152, 65535)
     allow_peer: tuple[str, ...] = ()
@@ -182,11 +188,23 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     message_timeout: float = 10.0
     stream_buffer: int = 256 * 1024
+    # --- drain and NAT (docs/operations.md) -----------------------------------------------
+    drain_timeout: float = 600.0
+    """After SIGUSR1, the longest wait for live allocations to end before exiting anyway."""
+    alternate_server: tuple[Endpoint, ...] = ()
+    """While draining, Allocate gets 300 Try Alternate naming this server (one per family)."""
+    external_ip: tuple[str, ...] = ()
+    """``PUBLIC`` or ``PUBLIC/PRIVATE``: the address the server is reached at behind a NAT."""
+    # --- metrics and admin endpoint (docs/metrics.md) ------------------------------------
+    metrics: Endpoint | None = None
+    """Where to serve /metrics, /live, /ready and /status over HTTP (off by default)."""
+    admin_token: str | None = None
+    """Bearer token /status asks for; without one, /status is refused."""
 
     @property
     def has_credentials(self) -> bool:
         """Whether any credential source is configured (else the default user store is used)."""
-        return bool(self.user or self.user_db or self.auth_secret)
+        return bool(self.user or self.user_db or self.auth_secret or self.redis)
 
     def validate(self) -> ServerConfig:
         """Cross-field checks; raises :class:`ConfigErrors` listing every problem, else
@@ -591,6 +609,116 @@ def _as_preset(name: str, value: Any) -> str:
     return text
 
 
+def _one_per_family(name: str, hosts: Iterable[str], what: str = "entry") -> None:
+    seen: set[bool] = set()
+    for host in hosts:
+        v6 = ":" in host
+        if v6 in seen:
+            raise ConfigError(name, f"give at most one IPv{6 if v6 else 4} {what}")
+        seen.add(v6)
+
+
+def _as_alternate_servers(name: str, value: Any) -> tuple[Endpoint, ...]:
+    """``HOST:PORT`` (port 3478 if left out), at most one per address family.
+
+    RFC 8489 section 14.15: ALTERNATE-SERVER has the family of the request's source address.
+    """
+    out = tuple(_each(name, _as_list(name, value), lambda n, v: parse_endpoint(v, DEFAULT_PORT, n)))
+    for ep in out:
+        if ep.is_wildcard or ep.port == 0:
+            raise ConfigError(name, f"{ep} is not an address clients can reach")
+    _one_per_family(name, (ep.host for ep in out))
+    return out
+
+
+def _as_external_ip(name: str, value: Any) -> str:
+    """``PUBLIC`` or ``PUBLIC/PRIVATE``, both IP literals of one family; normalised."""
+    text = _as_str(name, value).strip()
+    public_text, sep, private_text = text.partition("/")
+    ips = []
+    for part in (public_text, private_text) if sep else (public_text,):
+        try:
+            ip = ipaddress.ip_address(part.strip())
+        except ValueError:
+            raise ConfigError(
+                name, f"expected PUBLIC or PUBLIC/PRIVATE (IP addresses), got {text!r}"
+            ) from None
+        if ip.is_unspecified:
+            raise ConfigError(name, f"{ip} is a wildcard, not an address (in {text!r})")
+        ips.append(ip)
+    if len(ips) == 2 and ips[0].version != ips[1].version:
+        raise ConfigError(name, f"PUBLIC and PRIVATE are of different families in {text!r}")
+    return "/".join(ip.compressed for ip in ips)
+
+
+def _as_external_ips(name: str, value: Any) -> tuple[str, ...]:
+    """Repeatable: each PRIVATE at most once, at most one bare PUBLIC per family."""
+    out = tuple(_each(name, _as_list(name, value), _as_external_ip))
+    privates = [e.partition("/")[2] for e in out if "/" in e]
+    for private in privates:
+        if privates.count(private) > 1:
+            raise ConfigError(name, f"{private} is mapped twice")
+    _one_per_family(name, (e for e in out if "/" not in e), "PUBLIC without /PRIVATE")
+    return out
+
+
+def parse_metrics_endpoint(text: str, field_name: str = "metrics") -> Endpoint:
+    """``HOST:PORT``, ``HOST`` (port 9478) or a bare ``PORT`` (on 127.0.0.1)."""
+    text = text.strip()
+    if _PORT.fullmatch(text):
+        text = f"127.0.0.1:{text}"
+    return parse_endpoint(text, DEFAULT_METRICS_PORT, field_name)
+
+
+def _as_metrics(name: str, value: Any) -> Endpoint:
+    return parse_metrics_endpoint(_as_str(name, value), name)
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
+
+
+def _as_admin_token(name: str, value: Any) -> str:
+    # Never quoted in messages: it is a secret.
+    text = _as_secret(name, value)
+    if not _TOKEN.fullmatch(text):
+        raise ConfigError(
+            name,
+            "must be at least 16 printable ASCII characters without spaces "
+            "(e.g. `openssl rand -hex 32`)",
+        )
+    return text
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _as_redis_url(name: str, value: Any) -> str:
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://`` (TLS) or
+    ``unix:///PATH?db=N``; the redis package must be installed. Never quoted: it may hold a
+    password."""
+    text = _as_secret(name, value).strip()
+    usage = "expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH"
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ConfigError(name, f"{usage} (the port is not a number 0-65535)") from None
+    if url.scheme not in _REDIS_SCHEMES:
+        raise ConfigError(name, f"{usage}, got scheme {url.scheme or 'none'!r}")
+    if url.scheme == "unix":
+        if not url.path:
+            raise ConfigError(name, f"{usage} (no socket path)")
+    elif not url.hostname:
+        raise ConfigError(name, f"{usage} (no host)")
+    elif url.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}", url.path):
+        raise ConfigError(name, f"{usage} (the database must be a number)")
+    elif port == 0:
+        raise ConfigError(name, f"{usage} (port 0)")
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError(name, "needs the Python package redis: pip install 'stunturn[redis]'")
+    return text
+
+
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "preset": _as_preset,
     "listen": _endpoints(DEFAULT_PORT),
@@ -613,6 +741,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "user_db": _as_str,
     "auth_secret": lambda name, value: tuple(_each(name, _as_list(name, value), _as_secret)),
     "auth_secret_algorithm": _as_choice(("sha1", "sha256")),
+    "redis": _as_redis_url,
     "relay_ip": lambda name, value: tuple(_each(name, _as_list(name, value), _as_ip)),
     "relay_ports": _as_port_range,
     "allow_peer": _as_networks,
@@ -635,6 +764,11 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "handshake_timeout": lambda name, value: _as_seconds(name, value, 0.5, 600.0),
     "message_timeout": lambda name, value: _as_seconds(name, value, 0.5, 600.0),
     "stream_buffer": _int(4096, 1 << 30),
+    "drain_timeout": lambda name, value: _as_seconds(name, value, 1.0, 86_400.0),
+    "alternate_server": _as_alternate_servers,
+    "external_ip": _as_external_ips,
+    "metrics": _as_metrics,
+    "admin_token": _as_admin_token,
 }
 """Field name -> converter(display name, raw value); every field of ServerConfig has one."""
 

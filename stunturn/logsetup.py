@@ -31,15 +31,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger[pid]: message`` and, for session events, ``key=value`` fields."""
+
+    def __init__(self) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = [
+            f"{key}={value}"
+            for key, value in record.__dict__.items()
+            if key not in JsonFormatter._RESERVED and not key.startswith("_")
+        ]
+        return f"{text} {' '.join(fields)}" if fields else text
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send the ``stunturn`` loggers to stderr at ``level`` in ``fmt`` (text or json)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger("stunturn")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -442,11 +442,11 @@ def test_on_data_callback(ours: Target) -> None:
 
 
 def test_idle_tcp_allocation_survives_until_its_lifetime(
-    inprocess_server: StartInProcess, monkeypatch: pytest.MonkeyPatch
+    inprocess_server: StartInProcess,
 ) -> None:
     """A TCP allocation with no traffic must live as long as its lifetime. Scaled down: the
-    server's idle timeout is made 1 s (``idle_timeout``; 300 s by default) while the allocation lasts 600 s; after
-    1.5 s of silence the client's Refresh must still succeed."""
+    server's idle timeout is made 1 s (``idle_timeout``; 300 s by default) while the
+    allocation lasts 600 s; after 1.5 s of silence the client's Refresh must still succeed."""
     config = build_config(
         {
             "idle_timeout": 1.0,

@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from ..config import Endpoint, ServerConfig
 from ..server.actions import Action, RelayTo, Splice, Transport
@@ -35,12 +35,13 @@ from ..server.core import CoreConfig, ServerCore, source_key
 from ..server.keys import IPV6_KEY_BIT, address_key
 from ..stun import Address
 from ..turn import Allocation, ChannelRoute, Quotas
+from .metrics import RelayTotals, WorkerSnapshot, take_snapshot
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO, address_to_sockaddr
 from .mmsg import available as mmsg_available
 from .relay import RelaySocket
 from .stream import RelayBinder, StreamConnection
 from .tls import server_context
-from .turnsetup import build_turn, prepare
+from .turnsetup import build_turn, external_addresses, prepare
 
 log = logging.getLogger("stunturn.server")
 _U32 = struct.Struct("I")
@@ -77,6 +78,7 @@ def core_config(config: ServerConfig) -> CoreConfig:
         software=config.software,
         response_rate=config.response_rate,
         response_burst=float(config.response_burst),
+        external=external_addresses(config),
     )
 
 
@@ -212,6 +214,18 @@ class UdpListener:
                 send(action)
         self.worker.rearm()
 
+    def _forward(self, io: BatchIO, forward: dict[ChannelRoute, list[int]]) -> None:
+        """Send the grouped client-to-peer ChannelData payloads, one sendmmsg per route."""
+        for route, items in forward.items():
+            name = route.io_cache
+            if name is None:
+                name = route.io_cache = address_to_sockaddr(route.peer)
+            relay = cast(RelaySocket, route.relay)
+            failed = io.send_received(relay.fd, items, 4, cast(bytes, name))
+            if failed:
+                self.worker.core.counters.send_failed += failed
+        forward.clear()
+
     def on_readable_batched(self) -> None:
         """Batched path: ``recvmmsg`` up to 32 datagrams, answer the common Binding requests
         straight into the transmit slots, ``sendmmsg`` them in one call."""
@@ -276,18 +290,14 @@ class UdpListener:
                             tx[off : off + size] = response
                             io.queue(i, size)
                         continue
+                if forward:
+                    # ChannelData received before this message goes out first: the message
+                    # may end its allocation (Refresh 0) and close the relay socket.
+                    self._forward(io, forward)
                 for action in handle(bytes(data), local, io.address(i), now):
                     send(action)
             if forward:
-                for route, items in forward.items():
-                    name = route.io_cache
-                    if name is None:
-                        name = route.io_cache = address_to_sockaddr(route.peer)
-                    relay = cast(RelaySocket, route.relay)
-                    failed = io.send_received(relay.fd, items, 4, cast(bytes, name))
-                    if failed:
-                        core.counters.send_failed += failed
-                forward.clear()
+                self._forward(io, forward)
             failed = io.flush(fd)
             if failed:
                 core.counters.send_failed += failed
@@ -326,6 +336,7 @@ class Worker:
         quotas: Quotas | None = None,
     ) -> None:
         self.config = config
+        self.index = index
         self.core_config = core_config(config)
         self.loop = asyncio.get_running_loop()
         self.udp: dict[Address, UdpListener] = {}
@@ -335,6 +346,23 @@ class Worker:
             turn = build_turn(config, RelayBinder(self), index, config.workers, quotas)
             turn.clock_offset = time.time() - self.loop.time()
         self.core = ServerCore(self.core_config, turn)
+        self.ended = RelayTotals()
+        """What the allocations that ended relayed (for the metrics; added once per allocation)."""
+        if turn is not None:
+            delete = turn.delete
+
+            def delete_counted(alloc: Allocation, *args: Any, **kwargs: Any) -> None:
+                if turn.allocations.get(alloc.five_tuple) is alloc:
+                    self.ended.add(alloc)
+                delete(alloc, *args, **kwargs)
+
+            # Every end of an allocation goes through delete (expiry, Refresh 0, a closed
+            # connection, shutdown): its counters are kept once there, never per packet.
+            turn.delete = delete_counted  # type: ignore[method-assign]
+        self.serving = False
+        """True from the end of :meth:`start` until :meth:`stop`."""
+        self.draining = False
+        """Set to take the worker out of rotation: ``/ready`` answers 503 (hook for draining)."""
         self.reuse_port = reuse_port
         self.servers: list[asyncio.Server] = []
         self.connections: set[StreamConnection] = set()
@@ -421,6 +449,7 @@ class Worker:
         except BaseException:
             await self.close()
             raise
+        self.serving = True
         return self.listeners
 
     async def _start_stream(
@@ -505,7 +534,31 @@ class Worker:
         self.rearm()
 
     def stop(self) -> None:
+        self.serving = False
         self._stopped.set()
+
+    def snapshot(self, sessions: bool = False) -> WorkerSnapshot:
+        """Gauges and counters for the metrics (and the live allocations when ``sessions``)."""
+        return take_snapshot(self, sessions)
+
+    def start_drain(self, when_drained: Callable[[], None] | None = None) -> None:
+        """SIGUSR1: take no new allocations, keep serving the live ones and Binding, and call
+        ``when_drained`` (default :meth:`stop`) once the last allocation has ended or
+        ``drain-timeout`` has passed (both decided by the TURN service on the core's timer).
+        Idempotent."""
+        self.draining = True
+        done = when_drained or self.stop
+        turn = self.core.turn
+        if turn is None:
+            log.info("drain: no TURN allocations to wait for")
+            done()
+            return
+        if turn.draining:
+            return
+        now = self.loop.time()
+        turn.on_drained = done
+        turn.start_drain(now, now + self.config.drain_timeout)
+        self.rearm()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -543,7 +596,8 @@ async def serve_forever(
 ) -> Worker:
     """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed.
 
-    SIGHUP reloads the TLS certificate (:meth:`Worker.reload_tls`)."""
+    SIGHUP reloads the TLS certificate (:meth:`Worker.reload_tls`); SIGUSR1 drains
+    (:meth:`Worker.start_drain`), and the worker stops once drained."""
     raise_fd_limit()
     worker = Worker(prepare(config), reuse_port, index=index, quotas=quotas)
     await worker.start(sockets)
@@ -552,13 +606,14 @@ async def serve_forever(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop)
         loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
+        loop.add_signal_handler(signal.SIGUSR1, worker.start_drain)
     try:
         if on_ready is not None:
             on_ready(worker)
         await worker.wait_stopped()
     finally:
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         await worker.close()
     return worker

@@ -26,6 +26,7 @@ from ..auth import (
     random_password,
 )
 from ..config import ServerConfig
+from ..fleet import join_fleet
 from ..turn import LongTermAuth, PeerPolicy, PortPool, QuotaLimits, Quotas, TurnConfig, TurnService
 from ..turn.policy import LOOPBACK, parse_networks
 from ..turn.quota import LocalQuotas
@@ -77,7 +78,8 @@ def limits_of(config: ServerConfig) -> QuotaLimits:
 
 
 def relay_addresses(config: ServerConfig) -> tuple[str, ...]:
-    """``--relay-ip`` as given, else the specific listen IPs, else the default-route sources.
+    """``--relay-ip`` as given, else the PRIVATE address of an ``--external-ip PUBLIC/PRIVATE``,
+    else the specific listen IPs, else the default-route sources.
 
     One IPv4 and at most one IPv6 address. With nothing routable (a machine with only
     loopback), 127.0.0.1.
@@ -85,6 +87,10 @@ def relay_addresses(config: ServerConfig) -> tuple[str, ...]:
     if config.relay_ip:
         return config.relay_ip
     chosen: dict[bool, str] = {}
+    for entry in config.external_ip:
+        _, _, private = entry.partition("/")
+        if private:
+            chosen.setdefault(":" in private, private)
     for ep in config.listen + config.tls_listen:
         if not ep.is_wildcard:
             chosen.setdefault(ep.family_v6, ep.host)
@@ -114,12 +120,35 @@ def prepare(config: ServerConfig) -> ServerConfig:
     )
 
 
+def external_addresses(config: ServerConfig) -> tuple[tuple[str, str], ...]:
+    """``--external-ip`` as (local IP, public IP) pairs for the core.
+
+    ``PUBLIC/PRIVATE`` maps PRIVATE; a bare ``PUBLIC`` maps the relay address of its family
+    (unless that address has its own ``PUBLIC/PRIVATE`` entry).
+    """
+    pairs: dict[str, str] = {}
+    bare: list[str] = []
+    for entry in config.external_ip:
+        public, _, private = entry.partition("/")
+        if private:
+            pairs[private] = public
+        else:
+            bare.append(public)
+    relays = relay_addresses(config)
+    for public in bare:
+        local = next((ip for ip in relays if (":" in ip) == (":" in public)), None)
+        if local is not None:
+            pairs.setdefault(local, public)
+    return tuple(pairs.items())
+
+
 def own_addresses(config: ServerConfig) -> frozenset[str]:
     """The server's own IPs, which the peer policy protects."""
     own = {ep.host for ep in config.listen + config.tls_listen if not ep.is_wildcard}
     own.update(config.relay_ip)
     if config.alt_address:
         own.add(config.alt_address)
+    own.update(public for _, public in external_addresses(config))
     if any(ep.is_wildcard for ep in config.listen + config.tls_listen):
         own.update(a.address for a in interface_addresses())
     return frozenset(own)
@@ -131,7 +160,9 @@ def peer_policy(config: ServerConfig) -> PeerPolicy:
         allow=parse_networks(allow),
         deny=parse_networks(config.deny_peer),
         own_ips=own_addresses(config),
-        relay_ips=frozenset(config.relay_ip),
+        # Behind a NAT a client names another allocation by its public relayed address.
+        relay_ips=frozenset(config.relay_ip)
+        | {public for local, public in external_addresses(config) if local in config.relay_ip},
         relay_ports=config.relay_ports,
     )
 
@@ -160,13 +191,19 @@ def build_turn(
     assert config.nonce_secret is not None, "prepare() first"
     secret = hashlib.sha256(config.nonce_secret.encode()).digest()
     limits = limits_of(config)
-    auth = LongTermAuth(config.realm, Credentials(credential_sources(config)), NonceManager(secret))
+    sources = credential_sources(config)
+    quotas = quotas if quotas is not None else LocalQuotas(limits)
+    if config.redis:  # users, REST secrets and quotas shared by a fleet (docs/fleet.md)
+        shared, quotas = join_fleet(config.redis, config.auth_secret_algorithm, quotas, limits)
+        sources += shared
+    auth = LongTermAuth(config.realm, Credentials(sources), NonceManager(secret))
     turn_config = TurnConfig(
         relay_ips=config.relay_ip,
         relay_ports=config.relay_ports,
         default_lifetime=config.default_lifetime,
         max_lifetime=config.max_lifetime,
         limits=limits,
+        alternate_servers=tuple((ep.host, ep.port) for ep in config.alternate_server),
     )
     ports = PortPool(*config.relay_ports, secret, worker=worker, workers=workers)
     return TurnService(
@@ -175,5 +212,5 @@ def build_turn(
         peer_policy(config),
         binder,
         ports,
-        quotas if quotas is not None else LocalQuotas(limits),
+        quotas,
     )

@@ -5,6 +5,13 @@ datagram's 4-tuple to pick the socket, so one client's 5-tuple always reaches th
 and per-client state needs no sharing. The parent only supervises: it checks the ports are free
 first (SO_REUSEPORT would otherwise let us silently join another program's socket group),
 starts the workers, restarts one that dies, and stops them all on SIGINT/SIGTERM.
+
+With ``--metrics`` the parent also serves the HTTP endpoints (:mod:`stunturn.aio.metrics`) from
+a thread. Each worker has one pipe to the parent: the worker sends "ready" once it serves and
+its counters when it stops; the parent's metrics thread sends ("snapshot", seq, sessions)
+requests, which the worker answers from its event loop (a reader on the pipe), and the
+parent's main thread, the only reader of the pipes while the server runs, hands each answer
+to the request waiting for it.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -19,6 +28,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +38,15 @@ from ..config import ConfigError, Endpoint, ServerConfig
 from ..logsetup import configure_logging
 from ..server.actions import Transport
 from ..server.counters import Counters
+from .metrics import (
+    SNAPSHOT_TIMEOUT,
+    LocalSource,
+    MetricsServer,
+    MetricsThread,
+    WorkerSnapshot,
+    WorkerView,
+    bind_metrics,
+)
 from .server import (
     BoundSockets,
     Listener,
@@ -204,12 +223,17 @@ def _worker_main(
     index: int,
     quotas: SharedQuotas | None,
     sockets: BoundSockets,
+    drained: multiprocessing.connection.Connection | None = None,
 ) -> None:
     """Entry point of a worker process (spawned), serving the listeners the supervisor bound.
 
     SIGINT/SIGTERM stop the worker; once stopping, further signals are ignored, so a stop
     signal sent to the whole process group (Ctrl-C, systemd) followed by the supervisor's own
     SIGTERM cannot kill the worker before it has reported its counters.
+
+    SIGUSR1 drains it; once its last allocation has ended it sends its index on ``drained``
+    and goes on answering Binding (and refusing Allocate) until the supervisor stops every
+    worker together: a listener of the shared SO_REUSEPORT group never goes unanswered.
     """
     configure_logging(config.log_level, config.log_format)
     loop = new_event_loop()
@@ -230,12 +254,44 @@ def _worker_main(
             loop.call_soon_threadsafe(running[0].reload_tls)
 
     signal.signal(signal.SIGHUP, on_hangup)
+    drain_requested: list[int] = []
+
+    def report_drained() -> None:
+        if drained is None:
+            running[0].stop()
+        else:
+            with contextlib.suppress(OSError):
+                drained.send(index)
+
+    def on_drain(signum: int, frame: object) -> None:
+        drain_requested.append(signum)
+        if running and not loop.is_closed():
+            loop.call_soon_threadsafe(running[0].start_drain, report_drained)
+
+    signal.signal(signal.SIGUSR1, on_drain)
+
+    def answer() -> None:
+        """Requests from the supervisor, read on the event loop (snapshots for the metrics)."""
+        try:
+            while conn.poll():
+                message = conn.recv()
+                if message[0] == "snapshot" and running:
+                    _, seq, sessions = message
+                    conn.send(("snapshot", seq, running[0].snapshot(bool(sessions))))
+        except (EOFError, OSError):
+            # The supervisor is gone: nobody would stop or replace this worker any more.
+            loop.remove_reader(conn.fileno())
+            if running:
+                running[0].stop()
 
     def ready(worker: Worker) -> None:
         running.append(worker)
         conn.send(("ready", [(lst.transport.value, lst.local) for lst in worker.listeners]))
+        loop.add_reader(conn.fileno(), answer)
         if stop_requested:  # a stop signal came while the listeners were being bound
             worker.stop()
+        elif drain_requested:
+            worker.start_drain(report_drained)
 
     try:
         worker = loop.run_until_complete(
@@ -250,21 +306,56 @@ def _worker_main(
             )
         )
     except OSError as exc:
-        conn.send(("error", f"cannot bind: {exc.strerror or exc}"))
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"cannot bind: {exc.strerror or exc}"))
         return
     except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise
     finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(conn.fileno())
         loop.close()
-    conn.send(("counters", worker.core.counters.as_dict()))
+    with contextlib.suppress(OSError):  # a supervisor that died cannot hear it
+        conn.send(("counters", worker.core.counters.as_dict()))
+
+
+class _Reply:
+    """A snapshot request the metrics thread waits for; the main thread fills it in."""
+
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: WorkerSnapshot | None = None
 
 
 class Supervisor:
-    """Starts, watches and stops worker processes."""
+    """Starts, watches and stops worker processes (and serves the metrics, when asked)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics_socket: socket.socket | None = None) -> None:
         self.config = config
+        self.metrics_socket = metrics_socket
+        """A bound, listening socket to serve the metrics on (None: no metrics)."""
+        self._metrics: MetricsThread | None = None
+        self.draining = False
+        """Set to take the whole server out of rotation: ``/ready`` answers 503 (drain hook)."""
+        self.stopping = False
+        self._lock = threading.Lock()
+        """Guards the slots' readiness, ``procs``, pending snapshot requests and sending on the
+        pipes: the metrics thread sends requests, the main thread replaces workers."""
+        self._collecting = threading.Lock()
+        """One collection at a time, so at most one request per worker is ever unanswered."""
+        self._ready: list[bool] = [False] * config.workers
+        self._pending: dict[int, _Reply] = {}
+        self._outstanding: dict[int, int] = {}
+        """Worker slot -> sequence number of its unanswered snapshot request."""
+        self._seq = itertools.count(1)
+        self._reported: set[int] = set()
+        """Slots whose counters arrived while running (a worker that stopped by itself)."""
+        self._eof: set[int] = set()
+        """Slots whose pipe is closed (the worker is exiting; its sentinel will say so)."""
         self.ctx = multiprocessing.get_context("spawn")
         self.sockets: list[BoundSockets] = []
         """Each worker slot's listeners, bound once here and kept open for the supervisor's
@@ -277,11 +368,17 @@ class Supervisor:
         self.listeners: list[Listener] = []
         self.result = RunResult()
         self._restarts: list[float] = []
+        self._drained_r, self._drained_w = self.ctx.Pipe(duplex=False)
+        """Draining workers send their index here once their last allocation has ended."""
+        self._drained: set[int] = set()
+        """Slots drained (or dead) since SIGUSR1; no worker is restarted while draining."""
 
     def _spawn(self, index: int) -> tuple[Any, multiprocessing.connection.Connection]:
         parent, child = self.ctx.Pipe()
         args = (self.config, child, index, self.quotas, self.sockets[index])
-        proc = self.ctx.Process(target=_worker_main, args=args, daemon=True)
+        proc = self.ctx.Process(
+            target=_worker_main, args=args, kwargs={"drained": self._drained_w}, daemon=True
+        )
         proc.start()
         child.close()
         return proc, parent
@@ -311,10 +408,16 @@ class Supervisor:
             self._close_sockets()
             raise StartupError(f"cannot bind: {exc.strerror or exc}") from None
         try:
+            if self.metrics_socket is not None:
+                self._metrics = MetricsThread(self.metrics_socket, self, self.config.admin_token)
+                self._metrics.start()
             for index in range(self.config.workers):
                 proc, conn = self._spawn(index)
-                self.procs.append((proc, conn))
+                with self._lock:
+                    self.procs.append((proc, conn))
                 bound = self._await_ready(proc, conn)
+                with self._lock:
+                    self._ready[index] = True
             self.listeners = [Listener(_transport(t), tuple(a)) for t, a in bound]
         except BaseException:
             self.stop()
@@ -324,37 +427,176 @@ class Supervisor:
     def run(self) -> RunResult:
         """Block until SIGINT/SIGTERM, restarting workers that die; then stop them.
 
-        SIGHUP is passed on to every worker (each reloads the TLS certificate)."""
+        SIGHUP is passed on to every worker (each reloads the TLS certificate). SIGUSR1 is
+        passed on too (each worker drains), and the run ends once every worker has drained."""
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
         old = {s: signal.signal(s, lambda *_: os.write(wfd, b"x")) for s in _STOP_SIGNALS}
         old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: os.write(wfd, b"h"))
+        old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: os.write(wfd, b"d"))
+        give_up: float | None = None
         try:
             while True:
-                sentinels = {proc.sentinel: i for i, (proc, _) in enumerate(self.procs)}
-                ready = multiprocessing.connection.wait([rfd, *sentinels])
+                if self.draining and self._all_drained(give_up):
+                    break
+                sentinels = {
+                    proc.sentinel: i
+                    for i, (proc, _) in enumerate(self.procs)
+                    # While draining, a drained slot is not watched (nor restarted).
+                    if not (self.draining and i in self._drained)
+                }
+                conns = {c: i for i, (_, c) in enumerate(self.procs) if i not in self._eof}
+                timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
+                ready = multiprocessing.connection.wait(
+                    [rfd, self._drained_r, *sentinels, *conns], timeout
+                )
+                if self._drained_r in ready:
+                    self._drained.add(self._drained_r.recv())
                 if rfd in ready:
                     got = os.read(rfd, 64)
                     if b"x" in got:
                         break
-                    self._forward(signal.SIGHUP)  # each worker reloads its certificate
+                    if b"h" in got:
+                        self._forward(signal.SIGHUP)  # each worker reloads its certificate
+                    if b"d" in got and give_up is None:
+                        give_up = self._start_drain()
                     continue
-                for fd in ready:
-                    self._replace(sentinels[fd])
+                for item in ready:
+                    if isinstance(item, multiprocessing.connection.Connection) and item in conns:
+                        self._receive(conns[item], item)
+                for item in ready:
+                    if isinstance(item, int) and item in sentinels:
+                        self._exited(sentinels[item])
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
             os.close(rfd)
             os.close(wfd)
             self.stop()
+            self._drained_r.close()
+            self._drained_w.close()
         return self.result
+
+    # --- drain (SIGUSR1) ---------------------------------------------------------------------
+
+    def _start_drain(self) -> float:
+        """Forward SIGUSR1 to every worker; returns when to stop waiting for them regardless."""
+        self.draining = True
+        self._forward(signal.SIGUSR1)
+        log.info("drain started: SIGUSR1 passed on to %d workers", len(self.procs))
+        # Each worker ends its allocations at the drain timeout itself; this only guards
+        # against a worker that cannot say so.
+        return time.monotonic() + self.config.drain_timeout + 2 * STOP_TIMEOUT
+
+    def _all_drained(self, give_up: float | None) -> bool:
+        if len(self._drained) >= len(self.procs):
+            log.info("drain finished: every worker drained")
+            return True
+        if give_up is not None and time.monotonic() >= give_up:
+            busy = len(self.procs) - len(self._drained)
+            log.warning("drain: %d workers still busy after the drain timeout; stopping", busy)
+            return True
+        return False
+
+    def _exited(self, index: int) -> None:
+        """A worker process ended: replaced, except while draining (its allocations are gone
+        with it, so it counts as drained)."""
+        if not self.draining:
+            self._replace(index)
+            return
+        if index in self._drained:
+            return
+        proc, _ = self.procs[index]
+        proc.join(1.0)
+        log.error("worker %d (pid %d) exited with code %s while draining", index, proc.pid,
+                  proc.exitcode)  # fmt: skip
+        self._drained.add(index)
 
     def _forward(self, sig: int) -> None:
         for proc, _ in self.procs:
             if proc.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, sig)
+
+    # --- messages from workers, snapshots for the metrics ---------------------------------------
+
+    def _receive(self, index: int, conn: multiprocessing.connection.Connection) -> None:
+        """Read what worker ``index`` sent (main thread only: the one reader of the pipes)."""
+        try:
+            while conn.poll():
+                message = conn.recv()
+                kind, payload = message[0], message[-1]
+                if kind == "snapshot":
+                    with self._lock:
+                        reply = self._pending.pop(message[1], None)
+                        if self._outstanding.get(index) == message[1]:
+                            del self._outstanding[index]
+                    if reply is not None:
+                        reply.value = payload
+                        reply.event.set()
+                elif kind == "counters":  # it stopped by itself (e.g. a signal to it alone)
+                    self.result.counters.add(Counters(**payload))
+                    self._reported.add(index)
+                elif kind == "error":
+                    log.error("worker %d: %s", index, payload)
+        except (EOFError, OSError):
+            self._eof.add(index)
+
+    def _forget_requests(self, index: int | None = None) -> None:
+        """Wake the waiters of one slot's (or every) unanswered request, empty-handed."""
+        with self._lock:
+            for slot, seq in list(self._outstanding.items()):
+                if index is None or slot == index:
+                    del self._outstanding[slot]
+                    reply = self._pending.pop(seq, None)
+                    if reply is not None:
+                        reply.event.set()
+
+    def collect(self, sessions: bool) -> list[WorkerView]:
+        """Ask every serving worker for a snapshot; blocks up to :data:`SNAPSHOT_TIMEOUT`.
+
+        Called from the metrics thread. A worker that is starting, restarting or does not
+        answer in time is reported as None (and is not asked again while a request to it is
+        unanswered, so its pipe never fills up).
+        """
+        with self._collecting:
+            asked: list[tuple[int, _Reply | None]] = []
+            with self._lock:
+                for index in range(self.config.workers):
+                    reply = None
+                    if (
+                        not self.stopping
+                        and index < len(self.procs)
+                        and self._ready[index]
+                        and index not in self._outstanding
+                    ):
+                        seq = next(self._seq)
+                        try:
+                            self.procs[index][1].send(("snapshot", seq, sessions))
+                        except (OSError, ValueError):
+                            pass  # the worker is going; its sentinel will say so
+                        else:
+                            reply = self._pending[seq] = _Reply()
+                            self._outstanding[index] = seq
+                    asked.append((index, reply))
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+            views: list[WorkerView] = []
+            for index, reply in asked:
+                if reply is not None and reply.event.wait(max(0.0, deadline - time.monotonic())):
+                    views.append((index, reply.value))
+                else:
+                    views.append((index, None))
+            return views
+
+    def is_ready(self) -> bool:
+        """Every worker serving, and not stopping or draining (``/ready``)."""
+        with self._lock:
+            return all(self._ready) and not self.stopping and not self.draining
+
+    async def snapshots(self, sessions: bool) -> list[WorkerView]:
+        """:meth:`collect`, from the metrics thread's event loop."""
+        return await asyncio.to_thread(self.collect, sessions)
 
     def _replace(self, index: int) -> None:
         proc, conn = self.procs[index]
@@ -364,12 +606,20 @@ class Supervisor:
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
         if len(self._restarts) > MAX_RESTARTS:
             raise StartupError("workers keep dying; giving up")
-        conn.close()
+        with self._lock:  # the metrics thread must not send on a closed (or reused) descriptor
+            self._ready[index] = False
+            conn.close()
+        self._forget_requests(index)
+        self._eof.discard(index)
+        self._reported.discard(index)
         if self.quotas is not None:
             self.quotas.reset_worker(index)  # its allocations died with it
         new_proc, new_conn = self._spawn(index)
-        self.procs[index] = (new_proc, new_conn)
+        with self._lock:
+            self.procs[index] = (new_proc, new_conn)
         self._await_ready(new_proc, new_conn)
+        with self._lock:
+            self._ready[index] = True
         log.info("worker %d restarted (pid %d)", index, new_proc.pid)
 
     def _close_sockets(self) -> None:
@@ -379,27 +629,37 @@ class Supervisor:
         self.sockets.clear()
 
     def stop(self) -> None:
+        with self._lock:
+            self.stopping = True  # /ready answers 503 from now on; no more snapshot requests
+            self._ready = [False] * len(self._ready)
+        self._forget_requests()
         for proc, _ in self.procs:
             if proc.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        for proc, conn in self.procs:
-            while conn.poll(max(0.0, deadline - time.monotonic())):
+        for index, (proc, conn) in enumerate(self.procs):
+            while index not in self._reported and conn.poll(max(0.0, deadline - time.monotonic())):
                 try:
-                    kind, payload = conn.recv()
-                except EOFError:
+                    message = conn.recv()
+                except (EOFError, OSError):
                     break
-                if kind == "counters":
-                    self.result.counters.add(Counters(**payload))
+                if message[0] == "counters":  # late snapshot answers are passed over
+                    self.result.counters.add(Counters(**message[1]))
                     break
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join()
             conn.close()
-        self.procs.clear()
+        with self._lock:
+            self.procs.clear()
+        self._reported.clear()
+        self._eof.clear()
         self._close_sockets()
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -422,21 +682,71 @@ def run_server(
     except OSError as exc:
         raise StartupError(f"cannot pick a port: {exc.strerror}") from None
     _check_free(config)
-    if config.workers == 1:
-        return _run_inline(config, on_ready)
-    supervisor = Supervisor(config)
-    on_ready(config, supervisor.start(checked=True))
-    return supervisor.run()
+    metrics_socket = _metrics_socket(config)
+    if metrics_socket is not None and config.metrics is not None:
+        # Port 0 picks one: on_ready reports the port actually bound.
+        port = int(metrics_socket.getsockname()[1])
+        config = replace(config, metrics=Endpoint(config.metrics.host, port))
+    try:
+        if config.workers == 1:
+            return _run_inline(config, on_ready, metrics_socket)
+        supervisor = Supervisor(config, metrics_socket)
+        on_ready(config, supervisor.start(checked=True))
+        return supervisor.run()
+    finally:
+        if metrics_socket is not None:
+            metrics_socket.close()
+
+
+def _metrics_socket(config: ServerConfig) -> socket.socket | None:
+    """Bind the metrics address before anything starts, so a busy port stops the server."""
+    endpoint = config.metrics
+    if endpoint is None:
+        if config.admin_token is not None:
+            raise StartupError(
+                "admin-token: /status is served on the metrics address; give --metrics too"
+            )
+        return None
+    try:
+        sock = bind_metrics(endpoint)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for metrics on {endpoint}: {exc.strerror}") from None
+    if not ipaddress.ip_address(endpoint.host).is_loopback:
+        log.warning(
+            "metrics on %s, not a loopback address: whoever reaches it can read the metrics%s",
+            endpoint,
+            "; the admin token travels in clear text" if config.admin_token else "",
+        )
+    return sock
 
 
 def _run_inline(
-    config: ServerConfig, on_ready: Callable[[ServerConfig, list[Listener]], None]
+    config: ServerConfig,
+    on_ready: Callable[[ServerConfig, list[Listener]], None],
+    metrics_socket: socket.socket | None = None,
 ) -> RunResult:
     loop = new_event_loop()
+    source = LocalSource()
+
+    async def run() -> Worker:
+        http = None
+        if metrics_socket is not None:
+            # Served on the worker's own loop, from before the worker binds (/ready: 503).
+            http = MetricsServer(metrics_socket, source, config.admin_token)
+            await http.start()
+
+        def ready(worker: Worker) -> None:
+            source.worker = worker
+            on_ready(config, worker.listeners)
+
+        try:
+            return await serve_forever(config, on_ready=ready)
+        finally:
+            if http is not None:
+                await http.close()
+
     try:
-        worker = loop.run_until_complete(
-            serve_forever(config, on_ready=lambda w: on_ready(config, w.listeners))
-        )
+        worker = loop.run_until_complete(run())
     except OSError as exc:
         raise StartupError(f"cannot bind: {exc.strerror or exc}") from None
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..stun import (
@@ -87,11 +88,21 @@ class BindingService:
             server sends no OTHER-ADDRESS and answers CHANGE-REQUEST with 420 (RFC 5780
             section 6.1, "a server that does not support ... alternate address").
         software: SOFTWARE value to include, or None (the default: say nothing about ourselves).
+        external: local IP -> the public IP it is reached at behind a NAT (``--external-ip``).
+            RESPONSE-ORIGIN and OTHER-ADDRESS name the public address (same port), so a client
+            outside the NAT can reach and compare them; XOR-MAPPED-ADDRESS is the client's own
+            address and never mapped.
     """
 
-    def __init__(self, rfc5780: AlternateAddresses | None = None, software: str | None = None):
+    def __init__(
+        self,
+        rfc5780: AlternateAddresses | None = None,
+        software: str | None = None,
+        external: Mapping[str, str] | None = None,
+    ):
         self.rfc5780 = rfc5780
         self.software = software
+        self.external = dict(external or {})
         # Attributes that depend only on the listener the request came in on.
         self._tails: dict[Address, bytes] = {}
 
@@ -146,13 +157,18 @@ class BindingService:
     def _tail(self, received_on: Address, sent_from: Address) -> bytes:
         attrs: list[Attribute] = []
         if self.rfc5780 is not None:
-            attrs.append(ResponseOrigin(*sent_from))
-            attrs.append(OtherAddress(*self.rfc5780.other(received_on)))
+            attrs.append(ResponseOrigin(*self.public(sent_from)))
+            attrs.append(OtherAddress(*self.public(self.rfc5780.other(received_on))))
         if self.software is not None:
             attrs.append(Software(self.software))
         # Encode through the codec so the bytes are the codec's bytes.
         encoded = Message(Method.BINDING, MessageClass.SUCCESS, b"\x00" * 12, attrs).encode()
         return encoded[20:]
+
+    def public(self, address: Address) -> Address:
+        """How ``address``, one of ours, is seen from outside the NAT (itself without one)."""
+        host, port = address
+        return (self.external.get(host, host), port)
 
     # --- everything else -------------------------------------------------------------------
 
@@ -197,8 +213,8 @@ class BindingService:
             response.attributes.append(MappedAddress(*remote))
         response.attributes.append(XorMappedAddress(*remote))
         if self.rfc5780 is not None:
-            response.attributes.append(ResponseOrigin(*source))
-            response.attributes.append(OtherAddress(*self.rfc5780.other(local)))
+            response.attributes.append(ResponseOrigin(*self.public(source)))
+            response.attributes.append(OtherAddress(*self.public(self.rfc5780.other(local))))
         if self.software is not None:
             response.attributes.append(Software(self.software))
         if padding is not None and udp:

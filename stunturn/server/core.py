@@ -28,7 +28,7 @@ from ..stun import (
     check_fingerprint,
     decode,
 )
-from ..stun.attributes import ErrorCode, Fingerprint, UnknownAttributes
+from ..stun.attributes import ErrorCode, Fingerprint, UnknownAttributes, XorRelayedAddress
 from .actions import Action, RelayTo, SendTo, Splice, StreamAction, Transport
 from .binding import AlternateAddresses, BindingService
 from .counters import Counters
@@ -66,6 +66,10 @@ class CoreConfig:
     software: str | None = None
     response_rate: float = 200.0
     response_burst: float = 400.0
+    external: tuple[tuple[str, str], ...] = ()
+    """(local IP, public IP) pairs for a server behind a NAT (``--external-ip``): wherever the
+    server names one of its own addresses (XOR-RELAYED-ADDRESS, RESPONSE-ORIGIN,
+    OTHER-ADDRESS) it names the public IP instead, with the same port."""
 
 
 class ServerCore:
@@ -76,7 +80,8 @@ class ServerCore:
         self.counters = Counters()
         self.error_codes: Counter[int] = Counter()
         """Error responses sent, by code (401 and 438 included): for metrics."""
-        self.binding = BindingService(self.config.rfc5780, self.config.software)
+        self.external = dict(self.config.external)
+        self.binding = BindingService(self.config.rfc5780, self.config.software, self.external)
         self.budget = ResponseBudget(self.config.response_rate, self.config.response_burst)
         self.turn = turn
 
@@ -237,6 +242,16 @@ class ServerCore:
             return b""  # Connect: answered when the connection attempt ends
         if isinstance(response, bytes):
             return response  # a retransmitted Allocate: the same bytes as the first time
+        if self.external and msg.method == Method.ALLOCATE:
+            # The relay is bound on the local IP; peers reach it through the NAT at the public
+            # IP and the same port (the NAT must keep the port).
+            external = self.external
+            response.attributes = [
+                XorRelayedAddress(external.get(a.host, a.host), a.port)
+                if isinstance(a, XorRelayedAddress)
+                else a
+                for a in response.attributes
+            ]
         encoded = response.encode(
             auth.key, sha1=not auth.sha256, sha256=auth.sha256, fingerprint=fingerprint
         )

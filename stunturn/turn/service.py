@@ -10,10 +10,12 @@ what is valid now.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import itertools
 import logging
+import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..server.actions import RelayTo, SendTo, Transport
@@ -33,6 +35,7 @@ from ..stun import (
 from ..stun.attributes import (
     AdditionalAddressFamily,
     AddressErrorCode,
+    AlternateServer,
     ChannelNumber,
     ConnectionId,
     Data,
@@ -70,6 +73,10 @@ CHANNEL_MIN, CHANNEL_MAX = 0x4000, 0x7FFF
 """RFC 8656 section 12 gives clients 0x4000-0x4FFF; RFC 5766 gave 0x4000-0x7FFF, and RFC 5766
 clients (coturn's turnutils_uclient among them) still pick numbers up to 0x7FFF. We accept the
 older range: the server never multiplexes DTLS-SRTP, so 0x5000-0x7FFF is unambiguous here."""
+PEERS_LOGGED = 10
+"""The ``peers`` field of allocation_ended lists at most this many peer IPs (docs/logging.md)."""
+PEERS_COUNTED = 1000
+"""``peer_count`` counts distinct peer IPs up to this many (bounded memory per allocation)."""
 CHANNEL_COOLDOWN = 300.0
 """RFC 8656 section 12.2: after a binding expires, neither its number nor its peer may be bound
 to anything else for 5 minutes (so late ChannelData cannot reach the wrong peer)."""
@@ -87,6 +94,8 @@ class TurnConfig:
     permission_lifetime: int = 300
     channel_lifetime: int = 600
     limits: QuotaLimits = field(default_factory=QuotaLimits)
+    alternate_servers: tuple[Address, ...] = ()
+    """While draining, Allocate gets 300 Try Alternate naming the one of the client's family."""
 
     def relay_ip(self, family: int) -> str | None:
         v6 = family == FAMILY_IPV6
@@ -129,6 +138,18 @@ class TurnService:
             binder if hasattr(binder, "bind_tcp") else None  # type: ignore[assignment]
         )
         """The binder, when it can do TCP relays (else TCP allocations get 442)."""
+        self.draining = False
+        """Set by :meth:`start_drain`: Allocate is refused, everything else keeps working."""
+        self.drain_deadline: float | None = None
+        self.drained = False
+        """Draining, and the last allocation has ended."""
+        self.on_drained: Callable[[], None] | None = None
+        """Called once when :attr:`drained` becomes true (the I/O layer then exits)."""
+        self._drain_started = 0.0
+        self._now = 0.0
+        """The latest ``now`` seen (handlers, timer), which dates what :meth:`delete` logs."""
+        self._peers: dict[int, dict[int, None]] = {}
+        """Allocation id -> the ip_key of every peer permitted so far, in order (bounded)."""
 
     # --- dispatch -------------------------------------------------------------------------
 
@@ -142,6 +163,7 @@ class TurnService:
         authentication result to sign it with. Raises :class:`StunError`; after successful
         authentication the error carries the key so the response is signed.
         """
+        self._now = now
         auth = self.auth.authenticate(msg, five_tuple[1], now)
         try:
             # RFC 8489 section 6.3: unknown comprehension-required attributes are checked after
@@ -162,6 +184,9 @@ class TurnService:
                 return self._create_permission(msg, alloc, now), auth
             if msg.method == Method.CONNECT:
                 self._connect(msg, alloc, now)
+                peer = msg.get(XorPeerAddress)
+                if peer is not None:
+                    self._note_peer(alloc, ip_key(peer.host))
                 return None, auth
             return self._channel_bind(msg, alloc, now), auth
         except StunError as exc:
@@ -204,6 +229,8 @@ class TurnService:
             if existing.transaction_id == msg.transaction_id:
                 return existing.response
             raise StunError(437)
+        if self.draining:
+            raise self._drain_refusal(five_tuple[1][0])
         transport = msg.get(RequestedTransport)
         if transport is None:
             raise StunError(400)
@@ -288,14 +315,15 @@ class TurnService:
         relays: list[RelayHandle],
         lifetime: int,
     ) -> None:
+        # The session fields are documented in docs/logging.md (tests/test_log_schema.py).
         log.info(
             "allocation created",
             extra={
                 "event": "allocation_created",
                 "session": alloc.id,
                 "user": alloc.username,
-                "client": f"{five_tuple[0].value}:{five_tuple[1][0]}:{five_tuple[1][1]}",
-                "relay": ",".join(f"{h}:{p}" for h, p in (r.address for r in relays)),
+                "client": _client_text(five_tuple),
+                "relay": _relay_text(relays),
                 "relay_transport": "tcp" if alloc.tcp else "udp",
                 "lifetime": lifetime,
             },
@@ -420,6 +448,10 @@ class TurnService:
         if self._credential_expired(auth, now):
             raise self.auth.challenge(alloc.client, now, detail="REST credential expired")
         lifetime = self._lifetime(msg)
+        if self.drain_deadline is not None:
+            # Draining: the allocation ends at the drain deadline at the latest; the granted
+            # LIFETIME says so, so the client can move elsewhere in time.
+            lifetime = min(lifetime, max(1, math.ceil(self.drain_deadline - now)))
         alloc.expires = now + lifetime
         self._schedule(alloc.expires, "allocation", alloc, 0)
         return self._lifetime_response(msg, lifetime)
@@ -464,6 +496,15 @@ class TurnService:
     def _permit(self, alloc: Allocation, key: int, expires: float) -> None:
         alloc.permissions[key] = expires
         self._schedule(expires, "permission", alloc, key)
+        self._note_peer(alloc, key)
+
+    def _note_peer(self, alloc: Allocation, key: int) -> None:
+        """Remember a peer IP for the allocation_ended log (control plane only)."""
+        peers = self._peers.get(alloc.id)
+        if peers is None:
+            peers = self._peers[alloc.id] = {}
+        if len(peers) < PEERS_COUNTED:
+            peers[key] = None
 
     # --- ChannelBind (section 11.2) -------------------------------------------------------
 
@@ -702,6 +743,7 @@ class TurnService:
 
     def expire(self, now: float) -> None:
         """Remove everything whose lifetime has passed. Stale heap entries are skipped."""
+        self._now = now
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, alloc, key = heapq.heappop(timers)
@@ -709,6 +751,10 @@ class TurnService:
                 for host, port in self.ports.expire(now):
                     log.debug("reservation of %s:%d lapsed", host, port)
                 self._schedule_reservations()
+                continue
+            if kind == "drain":
+                for live in list(self.allocations.values()):
+                    self.delete(live, "drain timeout")
                 continue
             if self.allocations.get(alloc.five_tuple) is not alloc:
                 continue  # deleted already
@@ -739,10 +785,15 @@ class TurnService:
                     self._unbind(alloc, channel, now)
 
     def delete(self, alloc: Allocation, reason: str) -> None:
-        """End an allocation: close its relays, free its quota, drop its routes."""
+        """End an allocation: close its relays, free its quota, drop its routes.
+
+        The log's ``duration`` ends at the latest ``now`` the service was given.
+        """
         if self.allocations.get(alloc.five_tuple) is not alloc:
             return
+        now = self._now
         del self.allocations[alloc.five_tuple]
+        peers = self._peers.pop(alloc.id, {})
         transport, client, local = alloc.five_tuple
         routes = self.routes.get((transport, local))
         if routes is not None:
@@ -758,21 +809,82 @@ class TurnService:
             self._close_relay(relay)
         self.quotas.release(alloc.username, alloc.client_ip)
         alloc.cooldown.clear()
-        if not log.isEnabledFor(logging.INFO):
-            return
+        if log.isEnabledFor(logging.INFO):
+            self._log_ended(alloc, reason, now, peers)
+        if self.draining:
+            self._check_drained(now)
+
+    @staticmethod
+    def _log_ended(alloc: Allocation, reason: str, now: float, peers: dict[int, None]) -> None:
+        # The session fields are documented in docs/logging.md (tests/test_log_schema.py).
         log.info(
             "allocation ended",
             extra={
                 "event": "allocation_ended",
                 "session": alloc.id,
                 "user": alloc.username,
+                "client": _client_text(alloc.five_tuple),
+                "relay": _relay_text(alloc.relays),
+                "relay_transport": "tcp" if alloc.tcp else "udp",
                 "reason": reason,
+                "duration": round(max(0.0, now - alloc.created), 3),
+                "peers": [_ip_text(key) for key in itertools.islice(peers, PEERS_LOGGED)],
+                "peer_count": len(peers),
                 "bytes_to_peer": alloc.bytes_to_peer,
                 "bytes_to_client": alloc.bytes_to_client,
                 "packets_to_peer": alloc.packets_to_peer,
                 "packets_to_client": alloc.packets_to_client,
             },
         )
+
+    # --- drain ---------------------------------------------------------------------------------
+
+    def start_drain(self, now: float, deadline: float | None = None) -> None:
+        """Stop taking new allocations; live ones keep working until they end or ``deadline``.
+
+        Allocate gets 300 Try Alternate (with the ALTERNATE-SERVER of the client's family, when
+        configured) or else 508 Insufficient Capacity; Refresh is granted up to the deadline at
+        most; at the deadline what is left is deleted ("drain timeout"). :attr:`on_drained` is
+        called once no allocation is left. A second call changes nothing.
+        """
+        if self.draining:
+            return
+        self._now = now
+        self.draining = True
+        self.drain_deadline = deadline
+        self._drain_started = now
+        if deadline is not None:
+            self._schedule(deadline, "drain", _NO_ALLOC, 0)
+        log.info(
+            "drain started",
+            extra={
+                "event": "drain_started",
+                "allocations": len(self.allocations),
+                "timeout": None if deadline is None else round(deadline - now, 3),
+            },
+        )
+        self._check_drained(now)
+
+    def _check_drained(self, now: float) -> None:
+        if self.drained or self.allocations:
+            return
+        self.drained = True
+        log.info(
+            "drain finished",
+            extra={"event": "drain_finished", "duration": round(now - self._drain_started, 3)},
+        )
+        if self.on_drained is not None:
+            self.on_drained()
+
+    def _drain_refusal(self, client_host: str) -> StunError:
+        """RFC 8656 section 7.2 lets a server redirect an Allocate (RFC 8489 section 10, 300
+        with ALTERNATE-SERVER of the request's address family, section 14.15), or refuse it
+        for lack of capacity (508). The request was authenticated, so the error is signed."""
+        v6 = ":" in client_host
+        alternate = next((a for a in self.config.alternate_servers if (":" in a[0]) == v6), None)
+        if alternate is None:
+            return StunError(508, detail="draining")
+        return StunError(300, (AlternateServer(*alternate),), detail="draining")
 
     def _close_relay(self, relay: RelayHandle) -> None:
         relay.allocation = None
@@ -786,6 +898,21 @@ class TurnService:
 
     def __iter__(self) -> Iterator[Allocation]:
         return iter(self.allocations.values())
+
+
+def _client_text(five_tuple: FiveTuple) -> str:
+    transport, (host, port), _ = five_tuple
+    return f"{transport.value}:{host}:{port}"
+
+
+def _relay_text(relays: list[RelayHandle]) -> str:
+    return ",".join(f"{h}:{p}" for h, p in (r.address for r in relays))
+
+
+def _ip_text(key: int) -> str:
+    if key >= IPV6_KEY_BIT:
+        return ipaddress.IPv6Address(key - IPV6_KEY_BIT).compressed
+    return ipaddress.IPv4Address(key).compressed
 
 
 class _NoAllocation:
