@@ -15,6 +15,7 @@ import click
 
 from stunturn import __version__
 from stunturn.aio.metrics import StatusError, fetch_status
+from stunturn.aio.reload import ReloadSource
 from stunturn.aio.tls import make_self_signed
 from stunturn.aio.turnsetup import default_user_db, ensure_default_user, peer_policy, prepare
 from stunturn.aio.workers import RunResult, StartupError, run_server
@@ -193,15 +194,18 @@ def serve(config_file: str | None, **options: Any) -> None:
         return
     configure_logging(config.log_level, config.log_format)
     with tempfile.TemporaryDirectory(prefix="stunturn-") as tmp:
+        filled: dict[str, Any] = {}
         if config.self_signed:
             ips = [ep.host for ep in (*config.listen, *config.tls_listen) if not ep.is_wildcard]
             cert, key, fingerprint = make_self_signed(tmp, ips=[*ips, "127.0.0.1", "::1"])
             click.echo(f"TLS: self-signed certificate, SHA-256 fingerprint {fingerprint}")
-            config = build_config(*layers, given, {"cert": cert, "key": key, "self_signed": False})
-        _run(config)
+            filled = {"cert": cert, "key": key, "self_signed": False}
+            config = build_config(*layers, given, filled)
+        # SIGHUP builds the configuration again from the same file and options.
+        _run(config, (config_file, given, filled))
 
 
-def _run(config: ServerConfig) -> None:
+def _run(config: ServerConfig, reload_source: ReloadSource | None = None) -> None:
     def ready(final: ServerConfig, listeners: list[Any]) -> None:
         mode = "on" if final.alt_address else "off"
         turn = "off"
@@ -231,7 +235,7 @@ def _run(config: ServerConfig) -> None:
         sys.stdout.flush()
 
     try:
-        result: RunResult = run_server(config, ready)
+        result: RunResult = run_server(config, ready, reload_source)
     except StartupError as exc:
         _fail(str(exc))
         return

@@ -39,6 +39,7 @@ from .metrics import RelayTotals, WorkerSnapshot, take_snapshot
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO, address_to_sockaddr
 from .mmsg import available as mmsg_available
 from .relay import RelaySocket
+from .reload import ReloadSource, apply_configuration
 from .stream import RelayBinder, StreamConnection
 from .tls import server_context
 from .turnsetup import build_turn, external_addresses, prepare
@@ -334,8 +335,11 @@ class Worker:
         *,
         index: int = 0,
         quotas: Quotas | None = None,
+        reload_source: ReloadSource | None = None,
     ) -> None:
         self.config = config
+        self.reload_source = reload_source
+        """Where the configuration came from, read again on SIGHUP (None: certificate only)."""
         self.index = index
         self.core_config = core_config(config)
         self.loop = asyncio.get_running_loop()
@@ -397,6 +401,12 @@ class Worker:
             self.ip_streams[ip] = count
         else:
             self.ip_streams.pop(ip, None)
+
+    def reload(self) -> None:
+        """SIGHUP: the configuration (see :mod:`stunturn.aio.reload`), then the certificate."""
+        if self.reload_source is not None and not apply_configuration(self, self.reload_source):
+            return
+        self.reload_tls()
 
     def reload_tls(self) -> bool:
         """Load the certificate and key files again (SIGHUP): new handshakes use them, open
@@ -593,19 +603,22 @@ async def serve_forever(
     index: int = 0,
     quotas: Quotas | None = None,
     sockets: BoundSockets | None = None,
+    reload_source: ReloadSource | None = None,
 ) -> Worker:
     """Run one worker until SIGINT/SIGTERM (or :meth:`Worker.stop`); returns it, closed.
 
-    SIGHUP reloads the TLS certificate (:meth:`Worker.reload_tls`); SIGUSR1 drains
+    SIGHUP reloads the configuration and the certificate (:meth:`Worker.reload`); SIGUSR1 drains
     (:meth:`Worker.start_drain`), and the worker stops once drained."""
     raise_fd_limit()
-    worker = Worker(prepare(config), reuse_port, index=index, quotas=quotas)
+    worker = Worker(
+        prepare(config), reuse_port, index=index, quotas=quotas, reload_source=reload_source
+    )
     await worker.start(sockets)
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop)
-        loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
+        loop.add_signal_handler(signal.SIGHUP, worker.reload)
         loop.add_signal_handler(signal.SIGUSR1, worker.start_drain)
     try:
         if on_ready is not None:

@@ -47,6 +47,7 @@ from .metrics import (
     WorkerView,
     bind_metrics,
 )
+from .reload import ReloadSource
 from .server import (
     BoundSockets,
     Listener,
@@ -224,6 +225,7 @@ def _worker_main(
     quotas: SharedQuotas | None,
     sockets: BoundSockets,
     drained: multiprocessing.connection.Connection | None = None,
+    reload_source: ReloadSource | None = None,
 ) -> None:
     """Entry point of a worker process (spawned), serving the listeners the supervisor bound.
 
@@ -251,7 +253,7 @@ def _worker_main(
 
     def on_hangup(signum: int, frame: object) -> None:
         if running and not loop.is_closed():
-            loop.call_soon_threadsafe(running[0].reload_tls)
+            loop.call_soon_threadsafe(running[0].reload)
 
     signal.signal(signal.SIGHUP, on_hangup)
     drain_requested: list[int] = []
@@ -303,6 +305,7 @@ def _worker_main(
                 index=index,
                 quotas=quotas.view(index) if quotas is not None else None,
                 sockets=sockets,
+                reload_source=reload_source,
             )
         )
     except OSError as exc:
@@ -334,8 +337,14 @@ class _Reply:
 class Supervisor:
     """Starts, watches and stops worker processes (and serves the metrics, when asked)."""
 
-    def __init__(self, config: ServerConfig, metrics_socket: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        metrics_socket: socket.socket | None = None,
+        reload_source: ReloadSource | None = None,
+    ) -> None:
         self.config = config
+        self.reload_source = reload_source
         self.metrics_socket = metrics_socket
         """A bound, listening socket to serve the metrics on (None: no metrics)."""
         self._metrics: MetricsThread | None = None
@@ -377,7 +386,10 @@ class Supervisor:
         parent, child = self.ctx.Pipe()
         args = (self.config, child, index, self.quotas, self.sockets[index])
         proc = self.ctx.Process(
-            target=_worker_main, args=args, kwargs={"drained": self._drained_w}, daemon=True
+            target=_worker_main,
+            args=args,
+            kwargs={"drained": self._drained_w, "reload_source": self.reload_source},
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -670,7 +682,9 @@ def _transport(name: str) -> Transport:
 
 
 def run_server(
-    config: ServerConfig, on_ready: Callable[[ServerConfig, list[Listener]], None]
+    config: ServerConfig,
+    on_ready: Callable[[ServerConfig, list[Listener]], None],
+    reload_source: ReloadSource | None = None,
 ) -> RunResult:
     """Run until SIGINT/SIGTERM. Raises :class:`StartupError` when it cannot start.
 
@@ -689,8 +703,8 @@ def run_server(
         config = replace(config, metrics=Endpoint(config.metrics.host, port))
     try:
         if config.workers == 1:
-            return _run_inline(config, on_ready, metrics_socket)
-        supervisor = Supervisor(config, metrics_socket)
+            return _run_inline(config, on_ready, metrics_socket, reload_source)
+        supervisor = Supervisor(config, metrics_socket, reload_source)
         on_ready(config, supervisor.start(checked=True))
         return supervisor.run()
     finally:
@@ -724,6 +738,7 @@ def _run_inline(
     config: ServerConfig,
     on_ready: Callable[[ServerConfig, list[Listener]], None],
     metrics_socket: socket.socket | None = None,
+    reload_source: ReloadSource | None = None,
 ) -> RunResult:
     loop = new_event_loop()
     source = LocalSource()
@@ -740,7 +755,7 @@ def _run_inline(
             on_ready(config, worker.listeners)
 
         try:
-            return await serve_forever(config, on_ready=ready)
+            return await serve_forever(config, on_ready=ready, reload_source=reload_source)
         finally:
             if http is not None:
                 await http.close()
