@@ -552,8 +552,12 @@ def error_code(msg: Message) -> int | None:
     return None if attr is None else attr.code
 
 
-def tcp_connect(server: Address, timeout: float = IO_TIMEOUT) -> socket.socket:
-    sock = socket.create_connection(server, timeout=timeout)
+def tcp_connect(
+    server: Address, timeout: float = IO_TIMEOUT, source: str | None = None
+) -> socket.socket:
+    sock = socket.create_connection(
+        server, timeout=timeout, source_address=(source, 0) if source else None
+    )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
