@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..server.actions import Transport
 from ..server.keys import IPV6_KEY_BIT
-from ..turn.allocation import Allocation, FiveTuple
+from ..turn.allocation import Allocation, ChannelRoute, FiveTuple
 from ..turn.wire import data_indication
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, address_to_sockaddr
 
@@ -113,6 +113,10 @@ class RelaySocket:
         to_client = self.to_client
         stream = self.stream
         client_fd = self.client_sock.fileno() if self.client_sock is not None else -1
+        # A TCP/TLS client gets one write per batch: the frames joined (each its own datagram
+        # for a UDP client).
+        out: list[bytes] = []
+        emit = out.append if stream else to_client
         for _ in range(RELAY_BATCH // io.batch + 1):
             n = io.recv(fd)
             if n == 0:
@@ -136,7 +140,7 @@ class RelaySocket:
                 alloc.packets_to_client += 1
                 number = channels.get((ip << 16) | port)
                 if number is None:
-                    to_client(data_indication(io.address(i), bytes(rx[off : off + size])))
+                    emit(data_indication(io.address(i), bytes(rx[off : off + size])))
                 elif client_fd >= 0:
                     toff = batched * SLOT
                     pack_channel_into(tx, toff, number, size)
@@ -147,7 +151,10 @@ class RelaySocket:
                     frame = pack_channel(number, size) + rx[off : off + size]
                     if stream and size & 3:
                         frame += b"\x00" * (4 - (size & 3))
-                    to_client(frame)
+                    emit(frame)
+            if out:
+                self.worker.send_stream(self.allocation, b"".join(out), len(out))
+                out.clear()
             if batched:
                 failed = io.send_to(client_fd, batched, self.client_name)
                 if failed:
@@ -206,6 +213,24 @@ class RelaySocket:
                 frame = turn.icmp_indication(self, peer[:2], icmp_type, icmp_code, info)
                 if frame is not None:
                     self.to_client(frame)
+
+
+def relay_channel_data(route: ChannelRoute, data: bytes | memoryview, now: float) -> None:
+    """Client to peer: forward a ChannelData payload from the allocation's relay socket."""
+    length = (data[2] << 8) | data[3]
+    if length > len(data) - 4:
+        return  # truncated: dropped (RFC 8656 section 12.5)
+    alloc = route.allocation
+    if route.peer_ip not in alloc.permissions:
+        return  # RFC 8656 section 12: relayed only while the peer has a permission
+    if alloc.max_bps and not alloc.within_rate(length, False, now):
+        return
+    alloc.bytes_to_peer += length
+    alloc.packets_to_peer += 1
+    try:  # noqa: SIM105 - try/except costs less than contextlib.suppress per datagram
+        route.relay.sendto(data[4 : 4 + length], route.peer)
+    except OSError:
+        pass  # the peer path is best effort, as UDP is
 
 
 class UdpRelayBinder:

@@ -38,7 +38,7 @@ from ..turn import Allocation, ChannelRoute, Quotas
 from .metrics import RelayTotals, WorkerSnapshot, take_snapshot
 from .mmsg import LEN_OFFSET, MSG_SIZE, NAME, SLOT, BatchIO, address_to_sockaddr
 from .mmsg import available as mmsg_available
-from .relay import RelaySocket
+from .relay import RelaySocket, relay_channel_data
 from .reload import ReloadSource, apply_configuration
 from .stream import RelayBinder, StreamConnection
 from .tls import server_context
@@ -307,24 +307,6 @@ class UdpListener:
         self.worker.rearm()
 
 
-def relay_channel_data(route: ChannelRoute, data: bytes | memoryview, now: float) -> None:
-    """Client to peer: forward a ChannelData payload from the allocation's relay socket."""
-    length = (data[2] << 8) | data[3]
-    if length > len(data) - 4:
-        return  # truncated: dropped (RFC 8656 section 12.5)
-    alloc = route.allocation
-    if route.peer_ip not in alloc.permissions:
-        return  # RFC 8656 section 12: relayed only while the peer has a permission
-    if alloc.max_bps and not alloc.within_rate(length, False, now):
-        return
-    alloc.bytes_to_peer += length
-    alloc.packets_to_peer += 1
-    try:  # noqa: SIM105 - try/except costs less than contextlib.suppress per datagram
-        route.relay.sendto(data[4 : 4 + length], route.peer)
-    except OSError:
-        pass  # the peer path is best effort, as UDP is
-
-
 class Worker:
     """Binds the listeners of one process and serves them until :meth:`stop`."""
 
@@ -510,7 +492,7 @@ class Worker:
         assert isinstance(relay, RelaySocket)
         relay.send(action.data, action.peer)
 
-    def send_stream(self, alloc: Allocation | None, frame: bytes) -> None:
+    def send_stream(self, alloc: Allocation | None, frame: bytes, count: int = 1) -> None:
         """Peer data for a client on TCP/TLS: write it to the allocation's connection."""
         if alloc is None:
             return
@@ -518,7 +500,7 @@ class Worker:
         if conn is not None and conn.transport is not None:
             if conn.paused_writing:
                 # The client is not reading: drop datagrams rather than queue them unbounded.
-                self.core.counters.stream_dropped += 1
+                self.core.counters.stream_dropped += count
                 return
             conn.transport.write(frame)
 

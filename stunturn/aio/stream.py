@@ -31,10 +31,11 @@ import socket
 from typing import TYPE_CHECKING, cast
 
 from ..server.actions import RelayTo, SendTo, Splice, Transport
+from ..server.keys import address_key
 from ..stun import Address, FramingError, Method, StreamFramer
-from ..turn.allocation import Allocation, FiveTuple
+from ..turn.allocation import Allocation, ChannelRoute, FiveTuple
 from ..turn.tcp import CONNECT_TIMEOUT, PeerConnection
-from .relay import UdpRelayBinder
+from .relay import UdpRelayBinder, relay_channel_data
 
 if TYPE_CHECKING:
     from .server import Worker
@@ -64,6 +65,9 @@ class StreamConnection(asyncio.Protocol):
         self._started = False
         """A complete message has arrived (the handshake deadline is over)."""
         self._last = 0.0
+        self._routes: dict[int, ChannelRoute] | None = None
+        """The core's channel routes for this listener: ChannelData skips the core."""
+        self._route_base = 0
 
     # --- asyncio callbacks --------------------------------------------------------------------
 
@@ -84,6 +88,10 @@ class StreamConnection(asyncio.Protocol):
         worker.streams[(self.kind, self.remote, self.local)] = self
         self._last = worker.loop.time()
         self._arm("first", worker.config.handshake_timeout)
+        turn = worker.core.turn
+        if turn is not None:
+            self._routes = turn.route_table(self.kind, self.local)
+            self._route_base = address_key(self.remote) << 16
 
     def data_received(self, data: bytes) -> None:
         if self.pipe is not None:
@@ -103,8 +111,17 @@ class StreamConnection(asyncio.Protocol):
         if frames:
             self._started = True
         handle = worker.core.handle_stream_frame
+        routes = self._routes
+        counters = worker.core.counters
         while frames:
             for frame in frames:
+                if routes is not None and 0x40 <= frame[0] < 0x80:
+                    # Client to peer over a channel: one lookup, one sendto (as over UDP).
+                    route = routes.get(self._route_base | (frame[0] << 8) | frame[1])
+                    if route is not None:
+                        counters.received += 1
+                        relay_channel_data(route, frame, now)
+                        continue
                 for action in handle(frame, self.local, self.remote, self.kind, now):
                     if isinstance(action, RelayTo):
                         worker.relay(action)
