@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,7 +206,9 @@ def test_matrix_table(runs: Runs, record_property: Any) -> None:
 def run_cli(p2p: P2PLab, pair: FlavourPair, directory: Path) -> list[dict[str, Any]]:
     """``stunturn p2p offer|answer --signal-dir DIR --json`` on the pair's two hosts."""
     argv = [
-        "stunturn",
+        sys.executable,  # the venv's stunturn, whether or not its bin/ is on PATH
+        "-m",
+        "stunturn_cli",
         "p2p",
         "--signal-dir",
         str(directory),
