@@ -228,7 +228,7 @@ def run_cli(p2p: P2PLab, pair: FlavourPair, directory: Path) -> list[dict[str, A
     ]
     hosts = p2p.pairs[pair]
     procs = [
-        host.popen([*argv[:2], role, *argv[2:]])
+        host.popen([*argv[:4], role, *argv[4:]])
         for host, role in zip(hosts, ("offer", "answer"), strict=True)
     ]
     reports = []
