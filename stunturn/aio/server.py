@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from ..config import Endpoint, ServerConfig
 from ..server.actions import Action, RelayTo, Splice, Transport
@@ -335,16 +335,9 @@ class Worker:
         self.ended = RelayTotals()
         """What the allocations that ended relayed (for the metrics; added once per allocation)."""
         if turn is not None:
-            delete = turn.delete
-
-            def delete_counted(alloc: Allocation, *args: Any, **kwargs: Any) -> None:
-                if turn.allocations.get(alloc.five_tuple) is alloc:
-                    self.ended.add(alloc)
-                delete(alloc, *args, **kwargs)
-
-            # Every end of an allocation goes through delete (expiry, Refresh 0, a closed
-            # connection, shutdown): its counters are kept once there, never per packet.
-            turn.delete = delete_counted  # type: ignore[method-assign]
+            # Every end of an allocation (expiry, Refresh 0, a closed connection, shutdown)
+            # reports it once: its counters are added there, never per packet.
+            turn.on_deleted = self.ended.add
         self.serving = False
         """True from the end of :meth:`start` until :meth:`stop`."""
         self.draining = False

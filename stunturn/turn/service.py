@@ -132,6 +132,9 @@ class TurnService:
         self._timers: list[tuple[float, int, str, Allocation, int]] = []
         self._seq = itertools.count()
         self._ids = itertools.count(1)
+        self.on_deleted: Callable[[Allocation], None] | None = None
+        """Called once for each allocation that ends, however it ends (the I/O layer keeps
+        totals of what ended allocations relayed there, never per packet)."""
         self.peer_conns: dict[int, PeerConnection] = {}
         """RFC 6062: CONNECTION-ID -> peer data connection, for ConnectionBind."""
         self.tcp_binder: TcpRelayBinder | None = (
@@ -791,6 +794,8 @@ class TurnService:
         """
         if self.allocations.get(alloc.five_tuple) is not alloc:
             return
+        if self.on_deleted is not None:
+            self.on_deleted(alloc)
         now = self._now
         del self.allocations[alloc.five_tuple]
         peers = self._peers.pop(alloc.id, {})
