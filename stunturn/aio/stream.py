@@ -318,11 +318,7 @@ class PeerStream(asyncio.Protocol):
         turn = self.worker.core.turn
         if turn is not None:
             turn.tcp_closed(self.conn)
-        client, self.client = self.client, None
-        if client is not None:
-            client.pipe = None
-            if client.transport is not None:
-                client.transport.close()  # after what is queued for it
+        self._close_client()
 
     def close(self) -> None:
         """Close this connection (or stop connecting) and the client data connection."""
@@ -331,6 +327,10 @@ class PeerStream(asyncio.Protocol):
             self.task.cancel()
         if self.transport is not None:
             self.transport.close()
+        self._close_client()
+
+    def _close_client(self) -> None:
+        """Close the spliced client data connection (after what is queued for it)."""
         client, self.client = self.client, None
         if client is not None:
             client.pipe = None
