@@ -25,6 +25,7 @@ import hmac
 import struct
 
 from ..stun import Address
+from ..stun.hmacs import hmac_digest
 
 NONCE_COOKIE_PREFIX = "obMatJos2"
 FEATURE_PASSWORD_ALGORITHMS = 0x800000
@@ -63,7 +64,7 @@ class NonceManager:
 
     def _mac(self, expiry: bytes, ip: str, port: bytes) -> bytes:
         material = b"%s|%s|%s|%s" % (COOKIE.encode(), expiry, ip.encode(), port)
-        return hmac.digest(self._secret, material, "sha256")[:_MAC_BYTES]
+        return hmac_digest(self._secret, material, "sha256")[:_MAC_BYTES]
 
     def issue(self, client: Address, now: float) -> str:
         """A fresh nonce for ``client``, valid until ``now + lifetime``."""

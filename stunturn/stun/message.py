@@ -31,6 +31,7 @@ from .constants import (
     MessageClass,
 )
 from .errors import StunParseError
+from .hmacs import hmac_digest
 
 A = TypeVar("A", bound=Attribute)
 
@@ -161,11 +162,11 @@ class Message:
         head = message_type(self.method, self.cls)
         if key is not None:
             if sha1:
-                digest = hmac.digest(key, _header(head, len(body) + 24, tid) + body, "sha1")
+                digest = hmac_digest(key, _header(head, len(body) + 24, tid) + body, "sha1")
                 _append_attribute(body, _MI, digest)
             if sha256:
                 pre = _header(head, len(body) + 36, tid) + body
-                _append_attribute(body, _MI256, hmac.digest(key, pre, "sha256"))
+                _append_attribute(body, _MI256, hmac_digest(key, pre, "sha256"))
         if fingerprint:
             crc = zlib.crc32(_header(head, len(body) + 8, tid) + body) ^ FINGERPRINT_XOR
             _append_attribute(body, _FP, _U32.pack(crc))
@@ -274,7 +275,7 @@ def check_integrity(msg: Message, key: bytes) -> bool:
         return False
     off, attr = found
     assert isinstance(attr, MessageIntegrity)
-    digest = hmac.digest(key, _hashed_prefix(msg, off, 24), "sha1")
+    digest = hmac_digest(key, _hashed_prefix(msg, off, 24), "sha1")
     return hmac.compare_digest(digest, attr.value)
 
 
@@ -286,7 +287,7 @@ def check_integrity_sha256(msg: Message, key: bytes) -> bool:
     off, attr = found
     assert isinstance(attr, MessageIntegritySha256)
     size = len(attr.value)
-    digest = hmac.digest(key, _hashed_prefix(msg, off, 4 + size), "sha256")
+    digest = hmac_digest(key, _hashed_prefix(msg, off, 4 + size), "sha256")
     return hmac.compare_digest(digest[:size], attr.value)
 
 
