@@ -99,7 +99,10 @@ class TurnConfig:
 
     def relay_ip(self, family: int) -> str | None:
         v6 = family == FAMILY_IPV6
-        return next((ip for ip in self.relay_ips if (":" in ip) == v6), None)
+        for ip in self.relay_ips:
+            if (":" in ip) == v6:
+                return ip
+        return None
 
 
 def _family_of(host: str) -> int:
