@@ -328,8 +328,10 @@ class Worker:
         self.udp: dict[Address, UdpListener] = {}
         self.streams: dict[tuple[Transport, Address, Address], StreamConnection] = {}
         turn = None
+        self.relay_binder: RelayBinder | None = None
         if config.turn:
-            turn = build_turn(config, RelayBinder(self), index, config.workers, quotas)
+            self.relay_binder = RelayBinder(self)
+            turn = build_turn(config, self.relay_binder, index, config.workers, quotas)
             turn.clock_offset = time.time() - self.loop.time()
         self.core = ServerCore(self.core_config, turn)
         self.ended = RelayTotals()
@@ -554,6 +556,8 @@ class Worker:
             self._timer.cancel()
         if self.core.turn is not None:
             self.core.turn.close_all()
+        if self.relay_binder is not None:
+            self.relay_binder.poller.close()
         for listener in self.udp.values():
             self.loop.remove_reader(listener.sock.fileno())
             listener.sock.close()
