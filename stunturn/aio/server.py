@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from ..config import Endpoint, ServerConfig
-from ..server.actions import Action, RelayTo, Splice, Transport
+from ..server.actions import Action, RelayTo, SendTo, Splice, Transport
 from ..server.binding import AlternateAddresses
 from ..server.core import CoreConfig, ServerCore, source_key
 from ..server.keys import IPV6_KEY_BIT, address_key
@@ -180,7 +180,7 @@ class UdpListener:
         sendto = sock.sendto
         core = self.worker.core
         fast = core.fast_udp
-        handle = core.handle_udp
+        handle = core.handle_udp_slow
         send = self.worker.send
         local = self.local
         v6 = self.v6
@@ -235,7 +235,7 @@ class UdpListener:
         fd = self.fd
         core = self.worker.core
         fast = core.fast_udp
-        handle = core.handle_udp
+        handle = core.handle_udp_slow
         send = self.worker.send
         local = self.local
         rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
@@ -295,7 +295,24 @@ class UdpListener:
                     # ChannelData received before this message goes out first: the message
                     # may end its allocation (Refresh 0) and close the relay socket.
                     self._forward(io, forward)
-                for action in handle(bytes(data), local, io.address(i), now):
+                remote = io.address(i)
+                actions = handle(bytes(data), local, remote, now)
+                if len(actions) == 1:
+                    # The usual answer, one datagram back to its sender: into the transmit
+                    # slot, out with the batch's sendmmsg.
+                    action = actions[0]
+                    if (
+                        type(action) is SendTo
+                        and action.remote == remote
+                        and action.local == local
+                        and action.transport is Transport.UDP
+                    ):
+                        reply = action.data
+                        size = len(reply)
+                        tx[off : off + size] = reply
+                        io.queue(i, size)
+                        continue
+                for action in actions:
                     send(action)
             if forward:
                 self._forward(io, forward)

@@ -114,6 +114,13 @@ class ServerCore:
             fast = self.fast_udp(data, local, ip_key(host), port, now)
             if fast is not None:
                 return [SendTo(fast, local, remote)] if fast else []
+        return self.handle_udp_slow(data, local, remote, now)
+
+    def handle_udp_slow(
+        self, data: bytes, local: Address, remote: Address, now: float
+    ) -> list[Action]:
+        """:meth:`handle_udp` for a datagram the caller already offered to :meth:`fast_udp`
+        (IPv4) or that the fast path does not take (IPv6)."""
         self.counters.received += 1
         if data and 0x40 <= data[0] < 0x80:
             return self._channel_data(data, Transport.UDP, local, remote, now)
