@@ -57,6 +57,7 @@ from .server import (
     new_event_loop,
     serve_forever,
     tcp_endpoints,
+    tune_gc,
 )
 from .server import udp_endpoints as udp_endpoints_of
 from .shared import SharedQuotas
@@ -287,6 +288,7 @@ def _worker_main(
                 running[0].stop()
 
     def ready(worker: Worker) -> None:
+        tune_gc()
         running.append(worker)
         conn.send(("ready", [(lst.transport.value, lst.local) for lst in worker.listeners]))
         loop.add_reader(conn.fileno(), answer)
@@ -751,6 +753,7 @@ def _run_inline(
             await http.start()
 
         def ready(worker: Worker) -> None:
+            tune_gc()
             source.worker = worker
             on_ready(config, worker.listeners)
 
