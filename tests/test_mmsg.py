@@ -70,3 +70,48 @@ def test_sockaddr_to_address_round_trip() -> None:
     v6 = (socket.AF_INET6).to_bytes(2, "little") + (5349).to_bytes(2, "big") + bytes(4)
     v6 += socket.inet_pton(socket.AF_INET6, "2001:db8::9") + bytes(4)
     assert mmsg.sockaddr_to_address(v6) == ("2001:db8::9", 5349)
+
+
+def test_ipv6_sources_whole_after_ipv4_reads_without_reset() -> None:
+    """An IPv4 read (``v6=False``) skips resetting the address lengths; an IPv6 read on the
+    same buffers afterwards must still see whole 28-byte source addresses in every slot,
+    including slots that an earlier, larger IPv4 batch shortened."""
+    io = mmsg.BatchIO(batch=8)
+    sockets = []
+    try:
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        c4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sockets = [v4, v6, c4, c6]
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::1", 0))
+        c4.bind(("127.0.0.1", 0))
+        c6.bind(("::1", 0))
+        v4.setblocking(False)
+        v6.setblocking(False)
+        for count in (8, 2):  # a full batch, then a small one: both shorten slots
+            for i in range(count):
+                c4.sendto(b"4" * (i + 1), v4.getsockname()[:2])
+            assert _recv_all(io, v4.fileno(), False, count) == count
+            for i in range(count):
+                assert io.address(i) == c4.getsockname()[:2]
+        for i in range(8):
+            c6.sendto(b"6" * (i + 1), v6.getsockname()[:2])
+        assert _recv_all(io, v6.fileno(), True, 8) == 8
+        for i in range(8):
+            assert io.address(i) == c6.getsockname()[:2]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _recv_all(io: mmsg.BatchIO, fd: int, v6: bool, expected: int) -> int:
+    """One batched read once all ``expected`` datagrams are queued (loopback is immediate,
+    but poll briefly rather than rely on it)."""
+    import select  # noqa: PLC0415 - only this helper needs it
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll(2000)
+    return io.recv(fd, v6)

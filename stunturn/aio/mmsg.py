@@ -178,14 +178,24 @@ class BatchIO:
         self._rxbase = rx
         self._txiovs = memoryview(self._txiov).cast("B")
 
-    def recv(self, fd: int) -> int:
-        """Read up to ``batch`` datagrams without blocking; 0 when none is waiting."""
+    def recv(self, fd: int, v6: bool = True) -> int:
+        """Read up to ``batch`` datagrams without blocking; 0 when none is waiting.
+
+        ``v6=False`` promises an AF_INET socket, whose source addresses fit in any slot.
+        """
+        n: int
+        if not v6:
+            # The kernel sets msg_namelen of each slot it fills to the address length: 16
+            # here, too short for an IPv6 address. Remember how far that may have gone.
+            n = self._recvmmsg(fd, self._rxaddr, self.batch, MSG_DONTWAIT, None)
+            self._filled = max(self._filled, n)
+            return max(n, 0)
         hdrs = self.rxhdrs
         pack = _U32.pack_into
-        # The kernel rewrote msg_namelen of the slots the last call filled; reset those.
+        # Give the slots the kernel rewrote since the last reset their full length again.
         for i in range(self._filled):
             pack(hdrs, i * _MSG_SIZE + _NAMELEN_OFFSET, NAME)
-        n: int = self._recvmmsg(fd, self._rxaddr, self.batch, MSG_DONTWAIT, None)
+        n = self._recvmmsg(fd, self._rxaddr, self.batch, MSG_DONTWAIT, None)
         if n < 0:
             self._filled = 0
             return 0

@@ -63,13 +63,22 @@ class RelaySocket:
         "worker",
     )
 
-    def __init__(self, worker: Worker, sock: socket.socket, five_tuple: FiveTuple) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        sock: socket.socket,
+        five_tuple: FiveTuple,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         self.worker = worker
         self.sock = sock
         self.sendto = sock.sendto
         self.fd = sock.fileno()
-        host, port = sock.getsockname()[:2]
-        self.address = (host, port)
+        if address is None:
+            host, port = sock.getsockname()[:2]
+            address = (host, port)
+        self.address = address
+        """The bound address (``address`` when the caller knows it, as the binder does)."""
         self.v6 = sock.family == socket.AF_INET6
         self.allocation: Allocation | None = None
         transport, client, local = five_tuple
@@ -105,6 +114,7 @@ class RelaySocket:
             self._read_plain(alloc)
             return
         fd = self.fd
+        v6 = self.v6
         rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
         unpack_u32 = _U32.unpack_from
         from_bytes = int.from_bytes
@@ -121,7 +131,7 @@ class RelaySocket:
         out: list[bytes] = []
         emit = out.append if stream else to_client
         for _ in range(RELAY_BATCH // io.batch + 1):
-            n = io.recv(fd)
+            n = io.recv(fd, v6)
             if n == 0:
                 self._read_errors()
                 return
@@ -289,7 +299,11 @@ class UdpRelayBinder:
         self, host: str, port: int, five_tuple: FiveTuple, dont_fragment: bool
     ) -> RelaySocket | None:
         v6 = ":" in host
-        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        # Non-blocking from the start (no fcntl calls); the bound address is known (no
+        # getsockname): an Allocate makes one socket, two options, one bind, one epoll_ctl.
+        sock = socket.socket(
+            socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+        )
         try:
             if v6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -309,11 +323,10 @@ class UdpRelayBinder:
                     IP_PMTUDISC_DO if dont_fragment else IP_PMTUDISC_DONT,
                 )
             sock.bind((host, port))
-            sock.setblocking(False)
         except OSError:
             sock.close()
             return None
-        relay = RelaySocket(self.worker, sock, five_tuple)
+        relay = RelaySocket(self.worker, sock, five_tuple, (host, port) if port else None)
         self.poller.add(relay.fd, relay.on_readable)
         return relay
 

@@ -239,6 +239,7 @@ class UdpListener:
         handle = core.handle_udp_slow
         send = self.worker.send
         local = self.local
+        v6 = self.v6
         rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
         unpack_u32 = _U32.unpack_from
         from_bytes = int.from_bytes
@@ -247,7 +248,7 @@ class UdpListener:
         routes = self.routes
         forward: dict[ChannelRoute, list[int]] = {}
         for _ in range(UDP_BATCH // batch):
-            n = io.recv(fd)
+            n = io.recv(fd, v6)
             for i in range(n):
                 off = i * SLOT
                 data = rx[off : off + unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]]
