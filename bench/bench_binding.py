@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ class Config:
     calibrate: bool
     calib_rate: int
     json_path: str | None
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ class ServerResult:
     error: str | None = None
     source_ports: list[int] = field(default_factory=list)
     max_rate_under_threshold: int | None = None
+    sustained_rate_under_threshold: int | None = None
+    """Highest offered rate at which this step and every lower one lost < threshold."""
     peak_answered_pps: float = 0.0
 
 
@@ -196,6 +200,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--no-calibrate", action="store_true", help="skip generator capacity test")
     p.add_argument("--calib-rate", type=parse_rate, default=2_000_000)
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the whole ladder N times (servers alternating first), report medians",
+    )
+    p.add_argument(
         "--json",
         dest="json_path",
         default=None,
@@ -215,6 +225,8 @@ def _to_config(a: argparse.Namespace, p: argparse.ArgumentParser) -> Config:
         p.error("step/warmup seconds must be in (0, 60]")
     if not 0 <= a.retry_busy <= 10:
         p.error("--retry-busy must be in [0, 10]")
+    if not 1 <= a.repeats <= 10:
+        p.error("--repeats must be in [1, 10]")
     pins = {int(c) for c in a.pin_loadgen.split(",")} if a.pin_loadgen else None
     return Config(
         servers=servers,
@@ -239,6 +251,7 @@ def _to_config(a: argparse.Namespace, p: argparse.ArgumentParser) -> Config:
         calibrate=not a.no_calibrate,
         calib_rate=a.calib_rate,
         json_path=a.json_path,
+        repeats=a.repeats,
     )
 
 
@@ -460,6 +473,12 @@ def summarize(result: ServerResult, threshold: float) -> None:
     """Highest offered rate with loss under threshold (not generator-limited), peak answered/s."""
     ok = [s.offered_pps for s in result.steps if s.loss_pct < threshold and not s.gen_limited]
     result.max_rate_under_threshold = max(ok) if ok else None
+    sustained = None
+    for s in sorted(result.steps, key=lambda s: s.offered_pps):
+        if s.loss_pct >= threshold or s.gen_limited:
+            break
+        sustained = s.offered_pps
+    result.sustained_rate_under_threshold = sustained
     result.peak_answered_pps = max((s.answered_pps for s in result.steps), default=0.0)
 
 
@@ -579,8 +598,10 @@ def print_report(results: list[ServerResult], cfg: Config, out: TextIO) -> None:
     for res in results:
         best = f"{res.max_rate_under_threshold:,} pps" if res.max_rate_under_threshold else "none"
         cpu = _cpu_at_best(res)
+        sustained = res.sustained_rate_under_threshold
         print(
-            f"{res.name}: highest offered rate with loss < {cfg.loss_threshold:g}%: {best}; "
+            f"{res.name}: highest offered rate with loss < {cfg.loss_threshold:g}%: {best} "
+            f"(sustained: {f'{sustained:,} pps' if sustained else 'none'}); "
             f"peak answered {res.peak_answered_pps:,.0f}/s; server CPU at that rate {cpu}"
             + (f"; ERROR {res.error}" if res.error else ""),
             file=out,
@@ -638,6 +659,57 @@ def ratios(results: list[ServerResult]) -> dict[str, float | None]:
     return {"max_rate": max_rate, "peak_answered": peak}
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def repeat_summary(runs: list[list[ServerResult]]) -> dict[str, Any]:
+    """Per server: the threshold rates of every repeat and their medians; the ratios of the
+    medians, and each repeat's own ratio."""
+    per: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for res in run:
+            entry = per.setdefault(res.name, {"highest": [], "sustained": [], "peak": []})
+            entry["highest"].append(res.max_rate_under_threshold)
+            entry["sustained"].append(res.sustained_rate_under_threshold)
+            entry["peak"].append(res.peak_answered_pps)
+    for entry in per.values():
+        for key in ("highest", "sustained", "peak"):
+            entry[f"median_{key}"] = _median([v for v in entry[key] if v])
+    summary: dict[str, Any] = {"servers": per}
+    if "ours" in per and "coturn" in per:
+        for key in ("highest", "sustained", "peak"):
+            a, b = per["ours"][f"median_{key}"], per["coturn"][f"median_{key}"]
+            summary[f"ratio_median_{key}"] = a / b if a and b else None
+            summary[f"ratio_{key}_each"] = [
+                x / y if x and y else None
+                for x, y in zip(per["ours"][key], per["coturn"][key], strict=True)
+            ]
+    return summary
+
+
+def print_summary(summary: dict[str, Any], cfg: Config, out: TextIO) -> None:
+    """Medians over the repeats."""
+    print(f"\nover {cfg.repeats} repeats (loss < {cfg.loss_threshold:g}%):", file=out)
+    labels = {
+        "highest": "highest rate",
+        "sustained": "sustained rate (every lower step too)",
+        "peak": "peak answered/s",
+    }
+    for name, entry in summary["servers"].items():
+        for key, label in labels.items():
+            values = ", ".join(f"{v:,.0f}" if v else "none" for v in entry[key])
+            median = entry[f"median_{key}"]
+            shown = f"{median:,.0f}" if median else "none"
+            print(f"  {name:7} {label}: {values}; median {shown}", file=out)
+    for key, label in labels.items():
+        ratio = summary.get(f"ratio_median_{key}")
+        if ratio is None and f"ratio_median_{key}" not in summary:
+            continue
+        each = ", ".join(_fmt_ratio(v) for v in summary[f"ratio_{key}_each"])
+        print(f"  ours/coturn {label}: median {_fmt_ratio(ratio)} (each repeat: {each})", file=out)
+
+
 def to_json(
     results: list[ServerResult], cfg: Config, machine: dict[str, Any], calib: dict[str, Any]
 ) -> dict[str, Any]:
@@ -673,18 +745,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=out,
     )
     print(method_text(cfg), file=out)
+    runs: list[list[ServerResult]] = []
     with temp_workdir() as workdir:
         calib = calibrate(binary, cfg, workdir, out) if cfg.calibrate else {}
-        results = [bench_server(name, binary, cfg, workdir, out) for name in cfg.servers]
-    print_report(results, cfg, out)
-    print(generator_verdict(calib, results), file=out)
+        for repeat in range(cfg.repeats):
+            # Alternate which server goes first, so a drift of the machine favours neither.
+            order = cfg.servers if repeat % 2 == 0 else cfg.servers[::-1]
+            if cfg.repeats > 1:
+                print(f"== repeat {repeat + 1} of {cfg.repeats}", file=out)
+            found = {name: bench_server(name, binary, cfg, workdir, out) for name in order}
+            runs.append([found[name] for name in cfg.servers])
+            print_report(runs[-1], cfg, out)
+    results = runs[0]
+    print(generator_verdict(calib, [r for run in runs for r in run]), file=out)
+    summary = repeat_summary(runs) if cfg.repeats > 1 else {}
+    if summary:
+        print_summary(summary, cfg, out)
     if cfg.json_path:
-        doc = json.dumps(to_json(results, cfg, machine, calib), indent=2)
+        doc_obj = to_json(results, cfg, machine, calib)
+        doc_obj["repeats"] = [
+            {"servers": [asdict(r) for r in run], "ratios_ours_over_coturn": ratios(run)}
+            for run in runs
+        ]
+        doc_obj["summary"] = summary
+        doc = json.dumps(doc_obj, indent=2)
         if cfg.json_path == "-":
             print(doc)
         else:
             Path(cfg.json_path).write_text(doc + "\n")
-    return 0 if all(r.error is None for r in results) else 1
+    return 0 if all(r.error is None for run in runs for r in run) else 1
 
 
 if __name__ == "__main__":
