@@ -1,5 +1,7 @@
 """UDP relay sockets live in one epoll set per worker (stunturn.aio.relay.RelayPoller): each
-allocation adds its socket, and ending the allocation takes it out and closes it."""
+allocation adds its socket, and ending the allocation takes it out and closes it. ChannelData
+goes out one datagram at a time (``sendto``) or as a batch (``sendmmsg``) depending on how many
+arrived together; both ways deliver every payload, in order."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import InProcessServer
-from turn_client import DataIndication, TurnClient
+from turn_client import ChannelData, DataIndication, TurnClient
 
 from stunturn.config import build_config
 
@@ -73,3 +75,42 @@ def test_sockets_join_and_leave_the_set(server: InProcessServer) -> None:
         peer.close()
         for client in clients:
             client.close()
+
+
+def test_channel_data_alone_and_in_bursts(server: InProcessServer) -> None:
+    target = server.addr()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(2.0)
+    client = TurnClient(target, USER, PASSWORD)
+    try:
+        client.allocate()
+        client.channel_bind(0x4001, peer.getsockname())
+        assert client.relayed is not None
+        sent: list[bytes] = []
+        for round_ in range(3):
+            # One lone datagram, then a burst that the server reads in one batch or a few.
+            single = b"single %d" % round_
+            client.send_channel(0x4001, single)
+            assert peer.recvfrom(2048) == (single, client.relayed)
+            burst = [b"burst %d.%d " % (round_, i) + bytes(i) for i in range(40)]
+            for payload in burst:
+                client.send_channel(0x4001, payload)
+            sent = [peer.recvfrom(2048)[0] for _ in burst]
+            assert sent == burst
+            # And back: peer to client, alone and in a burst.
+            peer.sendto(single, client.relayed)
+            got = client.receive()
+            assert isinstance(got, ChannelData) and got.data == single
+            for payload in burst:
+                peer.sendto(payload, client.relayed)
+            back = []
+            for _ in burst:
+                item = client.receive()
+                assert isinstance(item, ChannelData), item
+                back.append(item.data)
+            assert back == burst
+        assert server.counters.send_failed == 0
+    finally:
+        peer.close()
+        client.close()

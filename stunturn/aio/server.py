@@ -217,8 +217,20 @@ class UdpListener:
         self.worker.rearm()
 
     def _forward(self, io: BatchIO, forward: dict[ChannelRoute, list[int]]) -> None:
-        """Send the grouped client-to-peer ChannelData payloads, one sendmmsg per route."""
+        """Send the grouped client-to-peer ChannelData payloads, one sendmmsg per route.
+
+        A route with a single payload in this batch (the usual case with many allocations)
+        uses the socket's own ``sendto`` on a view of the receive slot: for one datagram that
+        costs about 1.8 us less than a ``sendmmsg`` through ctypes (docs/performance.md)."""
+        rx = io.rx
         for route, items in forward.items():
+            if len(items) == 2:
+                start = items[0] * SLOT + 4
+                try:
+                    cast(RelaySocket, route.relay).sendto(rx[start : start + items[1]], route.peer)
+                except OSError:
+                    self.worker.core.counters.send_failed += 1
+                continue
             name = route.io_cache
             if name is None:
                 name = route.io_cache = address_to_sockaddr(route.peer)
