@@ -260,9 +260,9 @@ class RelayPoller:
     a single reader.
 
     An allocation adds one socket and removes it again. Through the event loop that is a
-    poll handle made and started, then stopped and closed (about 11 us of the 110 us an
-    Allocate costs, docs/performance.md); here it is one ``epoll_ctl`` to add, and nothing to
-    remove: closing the socket takes it out of the set, as the socket's file is never shared.
+    poll handle made and started, then stopped and closed (about 8 us with uvloop,
+    ``bench/micro.py poll``); here it is one ``epoll_ctl`` to add, and nothing to remove:
+    closing the socket takes it out of the set, as the socket's file is never shared.
     Sockets that are ready are served in the order the kernel lists them; a handler that
     leaves data behind is called again on the next round, as epoll here is level-triggered.
     """
