@@ -16,6 +16,9 @@ from turn_client import ChannelData, DataIndication, TurnClient
 from stunturn.config import build_config
 
 USER, PASSWORD = "alice", "alice-pw"
+PEER_IP = "127.0.0.2"
+"""Not the server's address: a peer port on it could fall in the relay range, which the peer
+policy refuses as the server's own."""
 COUNT = 12
 
 
@@ -49,12 +52,12 @@ def test_sockets_join_and_leave_the_set(server: InProcessServer) -> None:
     target = server.addr()
     fds_before = open_fds()
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
+    peer.bind((PEER_IP, 0))
     clients = [TurnClient(target, USER, PASSWORD) for _ in range(COUNT)]
     try:
         for client in clients:
             client.allocate()
-            client.create_permission("127.0.0.1")
+            client.create_permission(PEER_IP)
         assert len(poller.handlers) == COUNT
         # Every relay socket is served: a datagram from the peer to each relayed address
         # reaches its own client, also when all of them are ready at once.
@@ -80,7 +83,7 @@ def test_sockets_join_and_leave_the_set(server: InProcessServer) -> None:
 def test_channel_data_alone_and_in_bursts(server: InProcessServer) -> None:
     target = server.addr()
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
+    peer.bind((PEER_IP, 0))
     peer.settimeout(2.0)
     client = TurnClient(target, USER, PASSWORD)
     try:

@@ -219,7 +219,9 @@ def assert_healthy(server: ServerProcess, peer_port: int, workers: list[int]) ->
     server stops cleanly with nothing on stderr but log lines."""
     assert server.proc.poll() is None, server.stderr
     assert udp_query(server.addr("udp")).cls is MessageClass.SUCCESS
-    with TurnClient(server.addr("udp"), "alice", "secret") as client:
+    # From an address uclient did not use: its abandoned allocations hold 5-tuples on
+    # 127.0.0.1, and a reused source port would rightly get 437.
+    with TurnClient(server.addr("udp"), "alice", "secret", local=("127.0.0.3", 0)) as client:
         client.allocate()
         client.channel_bind(0x4000, (PEER_HOST, peer_port))
         client.send_channel(0x4000, b"are you still there?")
