@@ -504,6 +504,12 @@ class FleetQuotas:
         self.limits = limits
         self.limits_args = (limits.per_user, limits.per_client_ip)
 
+    def set_limits(self, limits: QuotaLimits) -> None:
+        """New limits for this server's own quotas and for the fleet-wide counts it checks."""
+        self.local.set_limits(limits)
+        self.limits = limits
+        self.limits_args = (limits.per_user, limits.per_client_ip)
+
     def acquire(self, user: str, client_ip: str) -> bool:
         if not self.local.acquire(user, client_ip):
             return False

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -188,6 +190,38 @@ def test_users_and_quotas_hold_across_the_fleet(
     # A clean stop takes the server's counts out of Redis at once.
     assert client.zcard(LIVE) == 0
     assert quota_count(client, "user", "alice") == 0
+
+
+def test_reload_changes_the_fleet_wide_quota_too(
+    stunturn_server: StartServer, shared_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGHUP with a new user quota applies to the count checked in Redis as well as to each
+    server's own: with the fleet-wide limit left at the old value, the second allocation on
+    the other server would still get 486."""
+    url = shared_redis.url(5)
+    add_user(url, "carol")
+    config = tmp_path / "fleet.toml"
+    config.write_text("user-quota = 1\n")
+    a, b = serve_pair(stunturn_server, url, "--config", str(config))
+    client = shared_redis.client(5)
+    with contextlib.ExitStack() as stack:
+        assert allocate(stack, a, "carol") is None
+        assert allocate(stack, b, "carol") == 486  # one for the whole fleet
+        config.write_text("user-quota = 2\n")
+        for server in (a, b):
+            before = server.stderr.count("configuration reloaded")
+            server.proc.send_signal(signal.SIGHUP)
+
+            def reloaded(server: ServerProcess = server, before: int = before) -> bool:
+                return server.stderr.count("configuration reloaded") > before
+
+            wait_until(reloaded, 10, "the reload to be logged")
+        assert allocate(stack, b, "carol") is None
+        assert quota_count(client, "user", "carol") == 2
+        assert allocate(stack, a, "carol") == 486  # two for the whole fleet now
+    for server in (a, b):
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr
 
 
 def test_rest_secret_added_with_the_cli_works_on_every_server(

@@ -154,27 +154,13 @@ def apply_configuration(worker: Worker, source: ReloadSource) -> bool:
             limits=limits,
             alternate_servers=tuple((ep.host, ep.port) for ep in config.alternate_server),
         )
-        _set_limits(turn.quotas, limits)
+        turn.quotas.set_limits(limits)
     worker.config = config
     logging.getLogger("stunturn").setLevel(config.log_level.upper())
     for name in restart:
         log.warning("configuration reload: %s changed, which needs a restart; kept as it was", name)
     log.info("configuration reloaded")
     return True
-
-
-def _set_limits(quotas: object, limits: Any) -> None:
-    """Give the allocation quotas their new limits, through the wrappers that hold them."""
-    seen: set[int] = set()
-    todo = [quotas]
-    while todo:
-        obj = todo.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if hasattr(obj, "limits"):
-            obj.limits = limits
-        todo += [getattr(obj, name, None) for name in ("local", "shared")]
 
 
 __all__ = ["RELOADABLE", "ReloadSource", "apply_configuration", "merge", "read_configuration"]

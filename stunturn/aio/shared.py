@@ -48,6 +48,10 @@ class SharedQuotas:
     def view(self, worker: int) -> WorkerQuotas:
         return WorkerQuotas(self, worker)
 
+    def set_limits(self, limits: QuotaLimits) -> None:
+        """New limits for this process's view; each worker reloads and sets its own."""
+        self.limits = limits
+
     def _slot(self, region: int, h: int, create: bool) -> int | None:
         table = self._table
         base = region * 2 * SLOTS
@@ -130,3 +134,6 @@ class WorkerQuotas:
     def release(self, user: str, client_ip: str) -> None:
         if not self.shared.unlimited:
             self.shared.release(self.worker, user, client_ip)
+
+    def set_limits(self, limits: QuotaLimits) -> None:
+        self.shared.set_limits(limits)

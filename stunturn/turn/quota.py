@@ -42,6 +42,10 @@ class Quotas(Protocol):
         """An allocation ended."""
         ...
 
+    def set_limits(self, limits: QuotaLimits) -> None:
+        """New limits (a configuration reload); live counts are kept."""
+        ...
+
 
 class LocalQuotas:
     """In-process counters."""
@@ -71,3 +75,6 @@ class LocalQuotas:
             if counter[key] <= 0:
                 del counter[key]
         self.total = max(0, self.total - 1)
+
+    def set_limits(self, limits: QuotaLimits) -> None:
+        self.limits = limits
