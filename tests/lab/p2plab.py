@@ -201,14 +201,26 @@ class PairResult:
 
     @property
     def consistent(self) -> bool:
-        """Both ends selected the same pair (each one's remote is the other's local)."""
+        """Both ends selected the same pair (each one's remote is the other's local).
+
+        One exception, from the kernel and not the agents: when both peers' first checks cross
+        in a NAT, Linux conntrack may find the endpoint-independent mapping taken by the
+        inbound check's entry and give the outbound flow a second port. The side whose own
+        check went out through that port learns it as a peer-reflexive local candidate and
+        reports it, while the other side reached it through the first port. Same public IP,
+        same base and remote: the same pair, seen through two mappings of one NAT.
+        """
         a, b = self.offer.path, self.answer.path
         if a is None or b is None:
             return False
-        return bool(
-            a["local"]["address"] == b["remote"]["address"]
-            and a["remote"]["address"] == b["local"]["address"]
-        )
+
+        def same(local: dict[str, Any], seen: dict[str, Any]) -> bool:
+            return bool(
+                local["address"] == seen["address"]
+                or (local["type"] == "prflx" and local["address"][0] == seen["address"][0])
+            )
+
+        return same(a["local"], b["remote"]) and same(b["local"], a["remote"])
 
     @property
     def both_running(self) -> float | None:
