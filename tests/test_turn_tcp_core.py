@@ -9,6 +9,8 @@ sockets is in test_turn_tcp_io.py.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from turn_helpers import (
     CLIENT,
@@ -436,3 +438,20 @@ def test_stream_framer_stops_after_connection_bind() -> None:
     # Without the stop type the same bytes are a framing error.
     with pytest.raises(FramingError, match="cannot start"):
         StreamFramer().feed(request + raw)
+
+
+def test_closed_connection_dates_the_end_of_its_allocation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The I/O layer passes the moment a client's connection closed: the allocation_ended
+    log's duration ends there, not at the last request the service saw."""
+    server, _ = tcp_server()
+    client = control(server)
+    alloc = server.allocation(client)
+    created = alloc.created
+    caplog.set_level(logging.INFO, logger="stunturn")
+    server.turn.delete(alloc, "connection closed", created + 42.5)
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "allocation_ended"]
+    assert record.duration == 42.5  # type: ignore[attr-defined]
+    assert record.reason == "connection closed"  # type: ignore[attr-defined]
+    assert alloc.five_tuple not in server.turn.allocations

@@ -179,7 +179,7 @@ class StreamConnection(asyncio.Protocol):
             # RFC 8656 section 3.1: an allocation over TCP/TLS ends with its connection.
             alloc = turn.allocations.get(five_tuple)
             if alloc is not None:
-                turn.delete(alloc, "connection closed")
+                turn.delete(alloc, "connection closed", worker.loop.time())
                 worker.rearm()
 
     def pause_writing(self) -> None:

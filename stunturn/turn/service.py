@@ -790,15 +790,19 @@ class TurnService:
                 if channel is not None and channel.expires <= now:
                     self._unbind(alloc, channel, now)
 
-    def delete(self, alloc: Allocation, reason: str) -> None:
+    def delete(self, alloc: Allocation, reason: str, now: float | None = None) -> None:
         """End an allocation: close its relays, free its quota, drop its routes.
 
-        The log's ``duration`` ends at the latest ``now`` the service was given.
+        The log's ``duration`` ends at ``now`` when the caller gives it (the I/O layer does
+        when a client's TCP or TLS connection closes), else at the latest ``now`` the service
+        was given.
         """
         if self.allocations.get(alloc.five_tuple) is not alloc:
             return
         if self.on_deleted is not None:
             self.on_deleted(alloc)
+        if now is not None and now > self._now:
+            self._now = now
         now = self._now
         del self.allocations[alloc.five_tuple]
         peers = self._peers.pop(alloc.id, {})
