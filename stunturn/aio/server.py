@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ from .turnsetup import build_turn, external_addresses, prepare
 
 log = logging.getLogger("stunturn.server")
 _U32 = struct.Struct("I")
+_CHANNEL_HEAD = struct.Struct("!HH")
+"""ChannelData header: channel number, length."""
+_NAME_HEAD = struct.Struct("!HHI")
+"""A raw sockaddr's family (read big-endian, see _AF_INET_BE), port and IPv4 address."""
+_AF_INET_BE = struct.unpack("!H", socket.AF_INET.to_bytes(2, sys.byteorder))[0]
+"""AF_INET as :data:`_NAME_HEAD` reads the host-order family field."""
 
 UDP_BATCH = 256
 """Most datagrams read per readiness callback before yielding to other sockets."""
@@ -254,6 +261,9 @@ class UdpListener:
         v6 = self.v6
         rx, tx, names, hdrs = io.rx, io.tx, io.names, io.rxhdrs
         unpack_u32 = _U32.unpack_from
+        unpack_channel = _CHANNEL_HEAD.unpack_from
+        unpack_name = _NAME_HEAD.unpack_from
+        af_inet = _AF_INET_BE
         from_bytes = int.from_bytes
         batch = io.batch
         now = self.worker.loop.time()
@@ -263,23 +273,20 @@ class UdpListener:
             n = io.recv(fd, v6)
             for i in range(n):
                 off = i * SLOT
-                data = rx[off : off + unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]]
+                size = unpack_u32(hdrs, i * MSG_SIZE + LEN_OFFSET)[0]
                 noff = i * NAME
-                first = data[0] if len(data) >= 4 else 0
-                if 0x40 <= first < 0x80:
+                channel, length = unpack_channel(rx, off) if size >= 4 else (0, 0)
+                if 0x4000 <= channel < 0x8000:
                     # ChannelData: one lookup keyed by (client address, channel).
-                    if names[noff] == socket.AF_INET:
-                        ip = from_bytes(names[noff + 4 : noff + 8], "big")
-                    else:
+                    family, port, ip = unpack_name(names, noff)
+                    if family != af_inet:
                         ip = IPV6_KEY_BIT | from_bytes(names[noff + 8 : noff + 24], "big")
-                    port = (names[noff + 2] << 8) | names[noff + 3]
-                    route = routes.get((((ip << 16) | port) << 16) | (first << 8) | data[1])
+                    route = routes.get((((ip << 16) | port) << 16) | channel)
                     if route is not None:
                         # Client to peer: checked here, sent below with one sendmmsg per route.
-                        length = (data[2] << 8) | data[3]
                         alloc = route.allocation
                         if (
-                            length <= len(data) - 4
+                            length <= size - 4
                             and route.peer_ip in alloc.permissions
                             and (not alloc.max_bps or alloc.within_rate(length, False, now))
                         ):
@@ -291,20 +298,23 @@ class UdpListener:
                             else:
                                 group += (i, length)
                         continue
-                elif names[noff] == socket.AF_INET:
-                    response = fast(
-                        data,
-                        local,
-                        from_bytes(names[noff + 4 : noff + 8], "big"),
-                        (names[noff + 2] << 8) | names[noff + 3],
-                        now,
-                    )
-                    if response is not None:
-                        if response:
-                            size = len(response)
-                            tx[off : off + size] = response
-                            io.queue(i, size)
-                        continue
+                    data = rx[off : off + size]
+                else:
+                    data = rx[off : off + size]
+                    if names[noff] == socket.AF_INET:
+                        response = fast(
+                            data,
+                            local,
+                            from_bytes(names[noff + 4 : noff + 8], "big"),
+                            (names[noff + 2] << 8) | names[noff + 3],
+                            now,
+                        )
+                        if response is not None:
+                            if response:
+                                size = len(response)
+                                tx[off : off + size] = response
+                                io.queue(i, size)
+                            continue
                 if forward:
                     # ChannelData received before this message goes out first: the message
                     # may end its allocation (Refresh 0) and close the relay socket.
