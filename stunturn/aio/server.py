@@ -301,14 +301,9 @@ class UdpListener:
                     data = rx[off : off + size]
                 else:
                     data = rx[off : off + size]
-                    if names[noff] == socket.AF_INET:
-                        response = fast(
-                            data,
-                            local,
-                            from_bytes(names[noff + 4 : noff + 8], "big"),
-                            (names[noff + 2] << 8) | names[noff + 3],
-                            now,
-                        )
+                    family, port, ip = unpack_name(names, noff)
+                    if family == af_inet:
+                        response = fast(data, local, ip, port, now)
                         if response is not None:
                             if response:
                                 size = len(response)
